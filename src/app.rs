@@ -1,0 +1,182 @@
+//! Assembles the pingora server from a configuration file and runs it.
+//!
+//! Order matters: the SIGHUP handler is installed first (SIGHUP's default action
+//! would kill the process), then the config is loaded and the first snapshot built,
+//! then pingora's server, the proxy services (one per distinct h2c setting), the
+//! admin service and the health checker are added, and the reload thread starts.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use pingora::proxy::HttpProxy;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::Server;
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
+use signal_hook::consts::SIGHUP;
+use signal_hook::iterator::Signals;
+
+use crate::admin::Admin;
+use crate::config::Config;
+use crate::listener::EdgeApp;
+use crate::metrics::Metrics;
+use crate::proxy::Edge;
+use crate::reload::{ReloadError, Reloader};
+use crate::upstream::health::HealthChecker;
+use crate::upstream::Registry;
+
+/// How `run` was asked to start.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub config: PathBuf,
+    /// Take the listening sockets over from a running process (graceful upgrade).
+    pub upgrade: bool,
+    pub daemon: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] ReloadError),
+    #[error("cannot install the SIGHUP handler: {0}")]
+    Signal(std::io::Error),
+    #[error("cannot start a runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Loads and fully builds the configuration without starting anything (the `check`
+/// command): the same parsing, validation and name resolution as `run`.
+pub fn check(path: PathBuf) -> Result<Config, ReloadError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            ReloadError::Build(crate::snapshot::BuildError(vec![format!(
+                "cannot start a runtime: {e}"
+            )]))
+        })?;
+    rt.block_on(async {
+        let (_, cfg) = Reloader::start(path, Registry::new(), Arc::new(Metrics::new())).await?;
+        Ok(cfg)
+    })
+}
+
+/// Starts the edge and serves until it is told to stop. Returns only on a start error.
+pub fn run(opts: RunOptions) -> Result<(), StartError> {
+    let mut signals = Signals::new([SIGHUP]).map_err(StartError::Signal)?;
+    let metrics = Arc::new(Metrics::new());
+    let registry = Registry::new();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StartError::Runtime)?;
+    let (reloader, cfg) = rt.block_on(Reloader::start(
+        opts.config.clone(),
+        registry,
+        metrics.clone(),
+    ))?;
+    metrics.reloads.with_label_values(&["ok"]).inc();
+
+    let conf = server_conf(&cfg, opts.daemon);
+    let opt = Opt {
+        upgrade: opts.upgrade,
+        daemon: opts.daemon,
+        nocapture: false,
+        test: false,
+        conf: None,
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+    let server_conf = server.configuration.clone();
+
+    // one proxy service per h2c setting (server options are per service)
+    let mut by_h2c: BTreeMap<bool, Vec<String>> = BTreeMap::new();
+    for l in &cfg.listeners {
+        by_h2c.entry(l.h2c).or_default().push(l.address.clone());
+    }
+    for (h2c, addrs) in by_h2c {
+        let mut proxy = HttpProxy::new(
+            Edge {
+                snapshots: reloader.snapshots.clone(),
+                metrics: metrics.clone(),
+            },
+            server_conf.clone(),
+        );
+        proxy.handle_init_modules();
+        let mut options = pingora::apps::HttpServerOptions::default();
+        options.h2c = h2c;
+        options.keepalive_request_limit =
+            (cfg.client.keepalive_requests > 0).then_some(cfg.client.keepalive_requests);
+        options.h2_idle_timeout = Some(cfg.client.keepalive_timeout.get());
+        proxy.server_options = Some(options);
+        let app = EdgeApp {
+            proxy: Arc::new(proxy),
+            snapshots: reloader.snapshots.clone(),
+            metrics: metrics.clone(),
+        };
+        let name = if h2c { "edge (h1+h2c)" } else { "edge (h1)" };
+        let mut service = Service::new(name.to_string(), app);
+        for a in addrs {
+            service.add_tcp(&a);
+        }
+        service.threads = Some(cfg.server.threads);
+        server.add_service(service);
+    }
+
+    let mut admin = Service::new(
+        "admin".to_string(),
+        Admin {
+            snapshots: reloader.snapshots.clone(),
+            metrics: metrics.clone(),
+        },
+    );
+    admin.add_tcp(&cfg.admin.address);
+    admin.threads = Some(1);
+    server.add_service(admin);
+
+    server.add_service(background_service(
+        "health checks",
+        HealthChecker {
+            snapshots: reloader.snapshots.clone(),
+            metrics: metrics.clone(),
+        },
+    ));
+
+    if !opts.daemon {
+        if let Err(e) = std::fs::write(&cfg.server.pid_file, format!("{}\n", std::process::id())) {
+            log::warn!(
+                "cannot write pid file {}: {e}",
+                cfg.server.pid_file.display()
+            );
+        }
+    }
+
+    let reload_thread = reloader.clone();
+    std::thread::Builder::new()
+        .name("sighup".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                log::info!("SIGHUP: reloading {}", reload_thread.path.display());
+                let _ = rt.block_on(reload_thread.reload());
+            }
+        })
+        .map_err(StartError::Runtime)?;
+
+    log::info!("wingman-edge started: {}", cfg.summary());
+    server.run_forever()
+}
+
+fn server_conf(cfg: &Config, daemon: bool) -> ServerConf {
+    let s = &cfg.server;
+    ServerConf {
+        threads: s.threads,
+        daemon,
+        pid_file: s.pid_file.display().to_string(),
+        upgrade_sock: s.upgrade_sock.display().to_string(),
+        grace_period_seconds: Some(s.grace_period.get().as_secs()),
+        graceful_shutdown_timeout_seconds: Some(s.graceful_shutdown_timeout.get().as_secs()),
+        upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
+        ..ServerConf::default()
+    }
+}

@@ -1,0 +1,536 @@
+//! The edge's configuration file: its TOML types, its defaults and its loading.
+//!
+//! This module owns the *shape* of `edge.toml`. [`load`] reads a file, parses it,
+//! deserializes it into [`Config`] and runs every semantic check in
+//! [`validate`]; the result is either a valid `Config` or a list of [`Problem`]s,
+//! each naming file, line and key (`edge.toml:12: upstreams[0].servers[1].address:
+//! not an ip:port or host:port`), all reported at once.
+//!
+//! Unknown keys are errors. Instead of `#[serde(deny_unknown_fields)]`, which
+//! stops at the first unknown key, the structs are deserialized through
+//! `serde_ignored`, which sees every key serde would have ignored; each one becomes
+//! a problem, so an operator fixing a typo sees all of them in one `check` run.
+//!
+//! Every default is written once, in the `default_*` functions below, and
+//! documented in `conf/edge.toml`.
+
+mod duration;
+mod locate;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use duration::HumanDuration;
+pub use locate::{KeyPath, Segment};
+pub use validate::{
+    check_host_pattern, parse_hash_on, parse_server_address, parse_status_set, HashOn,
+    ServerAddress, StatusSet,
+};
+
+/// One problem found in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The file the problem is in.
+    pub file: PathBuf,
+    /// 1-based line, when the key could be located.
+    pub line: Option<usize>,
+    /// The key, as `routes[2].upstream`.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let line = self
+            .line
+            .map(|l| l.to_string())
+            .unwrap_or_else(|| "?".into());
+        let key = if self.key.is_empty() { "-" } else { &self.key };
+        write!(
+            f,
+            "{}:{}: {}: {}",
+            self.file.display(),
+            line,
+            key,
+            self.message
+        )
+    }
+}
+
+/// Why a configuration could not be loaded: every problem found.
+#[derive(Debug, thiserror::Error)]
+#[error("{} problem(s) in configuration:\n{}", .problems.len(), render(.problems))]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+fn render(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerSection,
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    #[serde(default)]
+    pub admin: Admin,
+    #[serde(default)]
+    pub client: ClientLimits,
+    #[serde(default)]
+    pub upstreams: Vec<Upstream>,
+    #[serde(default)]
+    pub routes: Vec<Route>,
+}
+
+/// Process-wide settings. Changing them needs a restart or a binary upgrade.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ServerSection {
+    /// Worker threads of the proxy service.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    /// How long a stopping process keeps serving in-flight requests.
+    #[serde(default = "default_grace_period")]
+    pub grace_period: HumanDuration,
+    /// After the grace period, how long runtimes get to wind down.
+    #[serde(default = "default_graceful_shutdown_timeout")]
+    pub graceful_shutdown_timeout: HumanDuration,
+    /// Where the running process writes its pid.
+    #[serde(default = "default_pid_file")]
+    pub pid_file: PathBuf,
+    /// The socket a graceful binary upgrade hands listeners over.
+    #[serde(default = "default_upgrade_sock")]
+    pub upgrade_sock: PathBuf,
+    /// Idle upstream connections kept for reuse, in total.
+    #[serde(default = "default_upstream_keepalive_pool_size")]
+    pub upstream_keepalive_pool_size: usize,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            threads: default_threads(),
+            grace_period: default_grace_period(),
+            graceful_shutdown_timeout: default_graceful_shutdown_timeout(),
+            pid_file: default_pid_file(),
+            upgrade_sock: default_upgrade_sock(),
+            upstream_keepalive_pool_size: default_upstream_keepalive_pool_size(),
+        }
+    }
+}
+
+/// A cleartext listening socket. HTTP/1.1 and prior-knowledge h2c share it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Listener {
+    /// `ip:port` to bind.
+    pub address: String,
+    /// Accept h2c (HTTP/2 with prior knowledge) on this port.
+    #[serde(default = "default_true")]
+    pub h2c: bool,
+}
+
+/// The admin listener: /metrics, /healthz, /status.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Admin {
+    /// `ip:port`; loopback by default, never public unless written here.
+    #[serde(default = "default_admin_address")]
+    pub address: String,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            address: default_admin_address(),
+        }
+    }
+}
+
+/// Limits on what clients may send and how long they may take.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClientLimits {
+    /// Deadline for a whole request header section, from the connection's accept
+    /// (first request) or the request's first byte (later requests). 408 after it.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout: HumanDuration,
+    /// How long an idle keep-alive connection waits for its next request.
+    #[serde(default = "default_keepalive_timeout")]
+    pub keepalive_timeout: HumanDuration,
+    /// Most requests served on one keep-alive connection (0: no limit).
+    #[serde(default = "default_keepalive_requests")]
+    pub keepalive_requests: u32,
+    /// Largest request line plus header section, in bytes. 431 above it.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Per-read timeout on a request body.
+    #[serde(default = "default_body_read_timeout")]
+    pub body_read_timeout: HumanDuration,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        ClientLimits {
+            header_timeout: default_header_timeout(),
+            keepalive_timeout: default_keepalive_timeout(),
+            keepalive_requests: default_keepalive_requests(),
+            max_header_bytes: default_max_header_bytes(),
+            body_read_timeout: default_body_read_timeout(),
+        }
+    }
+}
+
+/// How a pool picks a server.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// Smooth weighted round robin (nginx's).
+    #[default]
+    RoundRobin,
+    /// Fewest in-flight requests relative to weight.
+    LeastConn,
+    /// Consistent hashing (ketama) on `hash_on`.
+    Hash,
+}
+
+/// A pool of upstream servers.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Upstream {
+    pub name: String,
+    #[serde(default)]
+    pub algorithm: Algorithm,
+    /// What `hash` balancing hashes: `client_ip`, `header:NAME` or `cookie:NAME`.
+    #[serde(default = "default_hash_on")]
+    pub hash_on: String,
+    #[serde(default)]
+    pub servers: Vec<Server>,
+    /// Extra attempts on other servers after a failed one.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Requests that may wait for a free server when every server is at max_conns.
+    #[serde(default = "default_queue_size")]
+    pub queue_size: usize,
+    /// How long a queued request waits before it gets 503.
+    #[serde(default = "default_queue_timeout")]
+    pub queue_timeout: HumanDuration,
+    #[serde(default)]
+    pub timeouts: UpstreamTimeouts,
+    /// Active health checking; none when absent.
+    pub health_check: Option<HealthCheck>,
+    #[serde(default)]
+    pub passive: PassiveHealth,
+}
+
+/// One server of a pool.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Server {
+    /// `ip:port` or `host:port` (resolved at load and at each reload).
+    pub address: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Most concurrent requests to this server (0: no limit).
+    #[serde(default)]
+    pub max_conns: u32,
+}
+
+/// Timeouts toward a pool's servers.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UpstreamTimeouts {
+    #[serde(default = "default_connect_timeout")]
+    pub connect: HumanDuration,
+    /// Between two reads of the response (also the wait for its header).
+    #[serde(default = "default_read_timeout")]
+    pub read: HumanDuration,
+    #[serde(default = "default_write_timeout")]
+    pub write: HumanDuration,
+    /// How long an idle pooled connection is kept.
+    #[serde(default = "default_idle_timeout")]
+    pub idle: HumanDuration,
+}
+
+impl Default for UpstreamTimeouts {
+    fn default() -> Self {
+        UpstreamTimeouts {
+            connect: default_connect_timeout(),
+            read: default_read_timeout(),
+            write: default_write_timeout(),
+            idle: default_idle_timeout(),
+        }
+    }
+}
+
+/// Active HTTP health check.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HealthCheck {
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    /// Host header of the probe (default: the server's address).
+    pub host: Option<String>,
+    #[serde(default = "default_health_interval")]
+    pub interval: HumanDuration,
+    #[serde(default = "default_health_timeout")]
+    pub timeout: HumanDuration,
+    /// Consecutive passes that bring a server back.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Consecutive failures that take a server out.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+    /// Statuses that pass, as `200`, `200-299` or `200,204,300-399`.
+    #[serde(default = "default_expected_status")]
+    pub expected_status: String,
+}
+
+/// Passive failure tracking (outlier ejection).
+#[derive(Debug, Clone, Deserialize)]
+pub struct PassiveHealth {
+    /// Consecutive connect failures or 5xx answers that eject a server (0: off).
+    #[serde(default = "default_consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// How long an ejected server gets no requests.
+    #[serde(default = "default_ejection_time")]
+    pub ejection_time: HumanDuration,
+}
+
+impl Default for PassiveHealth {
+    fn default() -> Self {
+        PassiveHealth {
+            consecutive_failures: default_consecutive_failures(),
+            ejection_time: default_ejection_time(),
+        }
+    }
+}
+
+/// One route: which requests go to which pool, and how.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Route {
+    pub name: String,
+    /// Exact host or `*.suffix`; absent matches every host.
+    pub host: Option<String>,
+    #[serde(default = "default_path_prefix")]
+    pub path_prefix: String,
+    /// The pool's name.
+    pub upstream: String,
+    /// Idle timeout of a WebSocket after its upgrade (both directions).
+    #[serde(default = "default_websocket_idle_timeout")]
+    pub websocket_idle_timeout: HumanDuration,
+    /// Overrides of the pool's timeouts for this route.
+    #[serde(default)]
+    pub timeouts: RouteTimeouts,
+    #[serde(default)]
+    pub request_headers: HeaderRules,
+    #[serde(default)]
+    pub response_headers: HeaderRules,
+}
+
+/// Per-route overrides of upstream timeouts.
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct RouteTimeouts {
+    pub connect: Option<HumanDuration>,
+    pub read: Option<HumanDuration>,
+    pub write: Option<HumanDuration>,
+}
+
+/// Header edits: `set` replaces (or adds), `remove` deletes.
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct HeaderRules {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_threads() -> usize {
+    2
+}
+fn default_grace_period() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
+}
+fn default_graceful_shutdown_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
+}
+fn default_pid_file() -> PathBuf {
+    PathBuf::from("/tmp/wingman-edge.pid")
+}
+fn default_upgrade_sock() -> PathBuf {
+    PathBuf::from("/tmp/wingman-edge-upgrade.sock")
+}
+fn default_upstream_keepalive_pool_size() -> usize {
+    256
+}
+fn default_admin_address() -> String {
+    "127.0.0.1:9901".into()
+}
+fn default_header_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+fn default_keepalive_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+fn default_keepalive_requests() -> u32 {
+    1000
+}
+fn default_max_header_bytes() -> usize {
+    32 * 1024
+}
+fn default_body_read_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+fn default_hash_on() -> String {
+    "client_ip".into()
+}
+fn default_retries() -> u32 {
+    2
+}
+fn default_queue_size() -> usize {
+    256
+}
+fn default_queue_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(2))
+}
+fn default_weight() -> u32 {
+    1
+}
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(2))
+}
+fn default_read_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+fn default_write_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+fn default_idle_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+fn default_health_path() -> String {
+    "/healthz".into()
+}
+fn default_health_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(2))
+}
+fn default_health_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(1))
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
+}
+fn default_expected_status() -> String {
+    "200-399".into()
+}
+fn default_consecutive_failures() -> u32 {
+    5
+}
+fn default_ejection_time() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+fn default_path_prefix() -> String {
+    "/".into()
+}
+fn default_websocket_idle_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(3600))
+}
+
+/// Reads, parses and validates a configuration file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        problems: vec![Problem {
+            file: path.to_path_buf(),
+            line: None,
+            key: String::new(),
+            message: format!("cannot read file: {e}"),
+        }],
+    })?;
+    parse(path, &text)
+}
+
+/// Parses and validates configuration text; `path` is used in problem reports only.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let problem = |line: Option<usize>, key: String, message: String| Problem {
+        file: path.to_path_buf(),
+        line,
+        key,
+        message,
+    };
+    let doc = match toml_edit::ImDocument::parse(text.to_owned()) {
+        Ok(doc) => doc,
+        Err(e) => {
+            let line = e.span().map(|s| locate::line_of(text, s.start));
+            let message = e.message().trim().to_owned();
+            return Err(ConfigError {
+                problems: vec![problem(line, String::new(), message)],
+            });
+        }
+    };
+    let mut unknown: Vec<KeyPath> = Vec::new();
+    let de = toml::Deserializer::new(text);
+    let config: Result<Config, _> =
+        serde_ignored::deserialize(de, |p| unknown.push(KeyPath::from_ignored(&p)));
+    let mut problems: Vec<Problem> = unknown
+        .iter()
+        .map(|k| {
+            problem(
+                locate::line_of_path(&doc, text, k),
+                k.to_string(),
+                "unknown key".into(),
+            )
+        })
+        .collect();
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            let line = e.span().map(|s| locate::line_of(text, s.start));
+            let key = line
+                .map(|l| locate::key_on_line(text, l))
+                .unwrap_or_default();
+            problems.push(problem(line, key, e.message().trim().to_owned()));
+            return Err(ConfigError { problems });
+        }
+    };
+    for (key, message) in validate::validate(&config) {
+        problems.push(problem(
+            locate::line_of_path(&doc, text, &key),
+            key.to_string(),
+            message,
+        ));
+    }
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
+        Err(ConfigError { problems })
+    }
+}
+
+impl Config {
+    /// A one-line summary, as printed by `wingman-edge check`.
+    pub fn summary(&self) -> String {
+        let servers: usize = self.upstreams.iter().map(|u| u.servers.len()).sum();
+        format!(
+            "{} listener(s), {} route(s), {} upstream pool(s), {} server(s), admin on {}",
+            self.listeners.len(),
+            self.routes.len(),
+            self.upstreams.len(),
+            servers,
+            self.admin.address
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,17 @@
+//! wingman-edge: the edge tier of the Wingman chat backend, on pingora.
+//!
+//! Request path: [`listener`] (header deadline and size cap) -> [`proxy`] (one
+//! [`snapshot`] per request, [`route`] match, [`upstream`] selection, forwarding)
+//! -> origin. [`reload`] swaps snapshots on SIGHUP; [`admin`] serves metrics and
+//! status. [`app`] assembles the pingora server.
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod listener;
+pub mod metrics;
+pub mod proxy;
+pub mod reload;
+pub mod route;
+pub mod snapshot;
+pub mod upstream;

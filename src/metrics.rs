@@ -1,0 +1,214 @@
+//! Prometheus metrics of the edge, in one registry served by the admin listener.
+//!
+//! Counters and histograms are updated on the request path (mostly in `logging`,
+//! which runs exactly once per request). Gauges that mirror runtime state (server
+//! health, in-flight and queued requests) are filled from the current snapshot when
+//! `/metrics` is scraped, so removed servers disappear from the output.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::snapshot::Snapshot;
+
+/// Request duration buckets, in seconds: fine below 100 ms, where the edge lives.
+const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub duration: HistogramVec,
+    pub connect_failures: IntCounterVec,
+    pub retries: IntCounterVec,
+    pub ejections: IntCounterVec,
+    pub health_changes: IntCounterVec,
+    pub queue_rejections: IntCounterVec,
+    pub websockets_active: IntGauge,
+    pub reloads: IntCounterVec,
+    pub generation: IntGauge,
+    pub restart_needed: IntGauge,
+    pub rejected_requests: IntCounterVec,
+    server_healthy: IntGaugeVec,
+    server_in_flight: IntGaugeVec,
+    pool_in_flight: IntGaugeVec,
+    pool_queued: IntGaugeVec,
+    pub queue_wait: Histogram,
+    pub upstream_requests: IntCounter,
+}
+
+fn must<T>(r: prometheus::Result<T>) -> T {
+    // metric definitions are static: a failure here is a programming error
+    r.unwrap_or_else(|e| panic!("invalid metric definition: {e}"))
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        macro_rules! reg {
+            ($m:expr) => {{
+                let m = must($m);
+                must(registry.register(Box::new(m.clone())));
+                m
+            }};
+        }
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels)
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            IntGaugeVec::new(Opts::new(name, help), labels)
+        };
+        Metrics {
+            requests: reg!(counter(
+                "wingman_edge_requests_total",
+                "Requests answered, by route and status class",
+                &["route", "class"]
+            )),
+            duration: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    "wingman_edge_request_duration_seconds",
+                    "Time from request header to end of response, by route"
+                )
+                .buckets(DURATION_BUCKETS.to_vec()),
+                &["route"]
+            )),
+            connect_failures: reg!(counter(
+                "wingman_edge_upstream_connect_failures_total",
+                "Failed connection attempts to upstream servers",
+                &["pool", "server"]
+            )),
+            retries: reg!(counter(
+                "wingman_edge_upstream_retries_total",
+                "Requests retried on another server",
+                &["pool"]
+            )),
+            ejections: reg!(counter(
+                "wingman_edge_upstream_ejections_total",
+                "Servers ejected by passive failure tracking",
+                &["pool", "server"]
+            )),
+            health_changes: reg!(counter(
+                "wingman_edge_upstream_health_changes_total",
+                "Active health check transitions, by new state",
+                &["pool", "server", "state"]
+            )),
+            queue_rejections: reg!(counter(
+                "wingman_edge_upstream_queue_rejections_total",
+                "Requests answered 503 because the pool queue was full or timed out",
+                &["pool", "reason"]
+            )),
+            websockets_active: reg!(IntGauge::new(
+                "wingman_edge_websockets_active",
+                "Upgraded WebSocket connections open now"
+            )),
+            reloads: reg!(counter(
+                "wingman_edge_config_reloads_total",
+                "Configuration reloads, by result",
+                &["result"]
+            )),
+            generation: reg!(IntGauge::new(
+                "wingman_edge_config_generation",
+                "Generation of the configuration in use"
+            )),
+            restart_needed: reg!(IntGauge::new(
+                "wingman_edge_config_restart_needed",
+                "1 when the loaded config changes listeners, which needs a restart or upgrade"
+            )),
+            rejected_requests: reg!(counter(
+                "wingman_edge_rejected_requests_total",
+                "Requests the edge refused before routing, by status",
+                &["status"]
+            )),
+            server_healthy: reg!(gauge(
+                "wingman_edge_upstream_server_up",
+                "1 when a server is healthy, not ejected and not disabled",
+                &["pool", "server"]
+            )),
+            server_in_flight: reg!(gauge(
+                "wingman_edge_upstream_server_in_flight",
+                "Requests in flight to a server",
+                &["pool", "server"]
+            )),
+            pool_in_flight: reg!(gauge(
+                "wingman_edge_upstream_pool_in_flight",
+                "Requests in flight to a pool",
+                &["pool"]
+            )),
+            pool_queued: reg!(gauge(
+                "wingman_edge_upstream_pool_queued",
+                "Requests waiting in a pool's queue",
+                &["pool"]
+            )),
+            queue_wait: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "wingman_edge_upstream_queue_wait_seconds",
+                    "Time requests spent waiting for a server"
+                )
+                .buckets(DURATION_BUCKETS.to_vec())
+            )),
+            upstream_requests: reg!(IntCounter::new(
+                "wingman_edge_upstream_attempts_total",
+                "Attempts to send a request to an upstream server"
+            )),
+            registry,
+        }
+    }
+
+    pub fn health_transitions(&self, pool: &str, server: &str, healthy: bool) {
+        let state = if healthy { "up" } else { "down" };
+        self.health_changes
+            .with_label_values(&[pool, server, state])
+            .inc();
+    }
+
+    /// Renders the text exposition, after filling the state gauges from `snap`.
+    pub fn render(&self, snap: &Snapshot) -> Vec<u8> {
+        self.server_healthy.reset();
+        self.server_in_flight.reset();
+        self.pool_in_flight.reset();
+        self.pool_queued.reset();
+        for pool in &snap.pools {
+            for s in &pool.servers {
+                let l = [pool.name.as_str(), s.label.as_str()];
+                self.server_healthy
+                    .with_label_values(&l)
+                    .set(s.state.available() as i64);
+                self.server_in_flight
+                    .with_label_values(&l)
+                    .set(s.state.in_flight() as i64);
+            }
+            self.pool_in_flight
+                .with_label_values(&[pool.name.as_str()])
+                .set(pool.in_flight() as i64);
+            self.pool_queued
+                .with_label_values(&[pool.name.as_str()])
+                .set(pool.state.queued() as i64);
+        }
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            log::error!("encoding metrics: {e}");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `2xx`, `4xx`, ... for a status code.
+pub fn status_class(code: u16) -> &'static str {
+    match code {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "none",
+    }
+}

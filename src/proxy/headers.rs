@@ -1,0 +1,303 @@
+//! Header work on the proxy path: request ids, forwarding headers, hop-by-hop
+//! stripping, request validation and route header edits. Pure functions over header
+//! maps, so they are tested without sockets.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use pingora::http::{RequestHeader, ResponseHeader};
+
+use crate::snapshot::HeaderEdits;
+
+pub const X_REQUEST_ID: &str = "x-request-id";
+pub const X_FORWARDED_FOR: &str = "x-forwarded-for";
+pub const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+pub const X_FORWARDED_HOST: &str = "x-forwarded-host";
+
+/// The client's request id when it is sane (1-128 visible ASCII bytes), else a new one.
+pub fn request_id(incoming: Option<&HeaderValue>) -> String {
+    if let Some(v) = incoming {
+        let b = v.as_bytes();
+        if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic()) {
+            if let Ok(s) = v.to_str() {
+                return s.to_owned();
+            }
+        }
+    }
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// Why a request is refused before routing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invalid {
+    /// HTTP/1.1 without Host (RFC 9112 §3.2).
+    MissingHost,
+    /// Several Content-Length lines or a list value (RFC 9112 §6.3).
+    BadContentLength,
+    /// Request line plus headers above the limit (RFC 6585 §5).
+    HeaderTooLarge,
+}
+
+impl Invalid {
+    pub fn status(self) -> u16 {
+        match self {
+            Invalid::MissingHost | Invalid::BadContentLength => 400,
+            Invalid::HeaderTooLarge => 431,
+        }
+    }
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            Invalid::MissingHost => "an HTTP/1.1 request needs a Host header",
+            Invalid::BadContentLength => "conflicting or list-valued Content-Length",
+            Invalid::HeaderTooLarge => "request header fields too large",
+        }
+    }
+}
+
+/// Approximate wire size of a request's head (request line and fields).
+pub fn head_size(req: &RequestHeader) -> usize {
+    let line = req.method.as_str().len() + req.uri.to_string().len() + 12;
+    line + req
+        .headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+}
+
+/// Checks what pingora's parser lets through. `is_h1` is false for HTTP/2 (where
+/// `:authority` stands for Host and framing is the stream's).
+pub fn check_request(req: &RequestHeader, is_h1: bool, max_head: usize) -> Result<(), Invalid> {
+    if is_h1 && req.version == http::Version::HTTP_11 && !req.headers.contains_key(header::HOST) {
+        return Err(Invalid::MissingHost);
+    }
+    let mut cls = req.headers.get_all(header::CONTENT_LENGTH).iter();
+    if let Some(first) = cls.next() {
+        let valid = |v: &HeaderValue| !v.is_empty() && v.as_bytes().iter().all(u8::is_ascii_digit);
+        if cls.next().is_some() || !valid(first) {
+            return Err(Invalid::BadContentLength);
+        }
+    }
+    if !is_h1 && head_size(req) > max_head {
+        return Err(Invalid::HeaderTooLarge);
+    }
+    Ok(())
+}
+
+/// The request's host as sent: Host, else the URI's authority (HTTP/2).
+pub fn request_host(req: &RequestHeader) -> Option<&str> {
+    req.headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+}
+
+/// Adds X-Forwarded-For (appended), -Proto and -Host, and the request id.
+pub fn add_forwarding(
+    req: &mut RequestHeader,
+    client_ip: Option<std::net::IpAddr>,
+    tls: bool,
+    host: Option<&str>,
+    request_id: &str,
+) {
+    if let Some(ip) = client_ip {
+        let prior: Vec<String> = req
+            .headers
+            .get_all(X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .collect();
+        let value = if prior.is_empty() {
+            ip.to_string()
+        } else {
+            format!("{}, {ip}", prior.join(", "))
+        };
+        let _ = req.insert_header(X_FORWARDED_FOR, value);
+    }
+    let _ = req.insert_header(X_FORWARDED_PROTO, if tls { "https" } else { "http" });
+    if let Some(h) = host {
+        if !req.headers.contains_key(X_FORWARDED_HOST) {
+            let _ = req.insert_header(X_FORWARDED_HOST, h.to_owned());
+        }
+    }
+    let _ = req.insert_header(X_REQUEST_ID, request_id.to_owned());
+}
+
+/// Hop-by-hop fields of RFC 9110 §7.6.1 plus the legacy ones every proxy drops.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+];
+
+/// Removes hop-by-hop fields and the fields `Connection` names from a response
+/// (pingora re-adds its own framing and keep-alive fields). A 101 keeps its Upgrade
+/// and Connection, which the tunnel needs.
+pub fn strip_hop_by_hop_response(resp: &mut ResponseHeader) {
+    if resp.status.as_u16() == 101 {
+        return;
+    }
+    let named = connection_listed(&resp.headers);
+    for h in named {
+        resp.remove_header(&h);
+    }
+    for h in HOP_BY_HOP {
+        if *h != "transfer-encoding" {
+            resp.remove_header(*h);
+        }
+    }
+}
+
+/// The field names listed in `Connection` (lower-cased), minus `close`/`keep-alive`.
+pub fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty() && t != "close" && t != "keep-alive" && t != "upgrade")
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect()
+}
+
+pub fn apply_request_edits(req: &mut RequestHeader, edits: &HeaderEdits) {
+    for name in &edits.remove {
+        req.remove_header(name);
+    }
+    for (name, value) in &edits.set {
+        let _ = req.insert_header(name.clone(), value.clone());
+    }
+}
+
+pub fn apply_response_edits(resp: &mut ResponseHeader, edits: &HeaderEdits) {
+    for name in &edits.remove {
+        resp.remove_header(name);
+    }
+    for (name, value) in &edits.set {
+        let _ = resp.insert_header(name.clone(), value.clone());
+    }
+}
+
+/// The value balancing hashes for `hash_on`.
+pub fn hash_key(
+    req: &RequestHeader,
+    hash_on: &crate::config::HashOn,
+    client_ip: Option<std::net::IpAddr>,
+) -> Vec<u8> {
+    use crate::config::HashOn;
+    match hash_on {
+        HashOn::ClientIp => client_ip
+            .map(|ip| ip.to_string())
+            .unwrap_or_default()
+            .into_bytes(),
+        HashOn::Header(name) => req
+            .headers
+            .get(name)
+            .map(|v| v.as_bytes().to_vec())
+            .unwrap_or_default(),
+        HashOn::Cookie(name) => req
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|kv| kv.trim().split_once('='))
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_bytes().to_vec())
+            .unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::HashOn;
+
+    fn req(lines: &[(&str, &str)]) -> RequestHeader {
+        let mut r = RequestHeader::build("GET", b"/a", None).unwrap();
+        for (k, v) in lines {
+            r.append_header(k.to_string(), *v).unwrap();
+        }
+        r
+    }
+
+    #[test]
+    fn request_id_is_kept_when_sane_and_generated_otherwise() {
+        let v = HeaderValue::from_static("abc-123");
+        assert_eq!(request_id(Some(&v)), "abc-123");
+        let bad = HeaderValue::from_static("has space");
+        let generated = request_id(Some(&bad));
+        assert_eq!(generated.len(), 32);
+        assert_ne!(request_id(None), request_id(None));
+    }
+
+    #[test]
+    fn missing_host_and_bad_content_length_are_rejected() {
+        let r = req(&[]);
+        assert_eq!(check_request(&r, true, 1 << 20), Err(Invalid::MissingHost));
+        assert_eq!(check_request(&r, false, 1 << 20), Ok(()));
+        let r = req(&[
+            ("host", "a"),
+            ("content-length", "4"),
+            ("content-length", "4"),
+        ]);
+        assert_eq!(
+            check_request(&r, true, 1 << 20),
+            Err(Invalid::BadContentLength)
+        );
+        let r = req(&[("host", "a"), ("content-length", "4, 4")]);
+        assert_eq!(
+            check_request(&r, true, 1 << 20),
+            Err(Invalid::BadContentLength)
+        );
+        let r = req(&[("host", "a"), ("content-length", "4")]);
+        assert_eq!(check_request(&r, true, 1 << 20), Ok(()));
+    }
+
+    #[test]
+    fn forwarding_headers_append_to_a_prior_chain() {
+        let mut r = req(&[("x-forwarded-for", "10.0.0.1")]);
+        add_forwarding(
+            &mut r,
+            Some([127, 0, 0, 1].into()),
+            false,
+            Some("chat.example"),
+            "rid",
+        );
+        assert_eq!(r.headers["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+        assert_eq!(r.headers["x-forwarded-proto"], "http");
+        assert_eq!(r.headers["x-forwarded-host"], "chat.example");
+        assert_eq!(r.headers["x-request-id"], "rid");
+    }
+
+    #[test]
+    fn response_hop_by_hop_fields_and_connection_listed_ones_are_stripped() {
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.append_header("connection", "x-secret, close").unwrap();
+        resp.append_header("x-secret", "1").unwrap();
+        resp.append_header("keep-alive", "timeout=5").unwrap();
+        resp.append_header("x-kept", "1").unwrap();
+        strip_hop_by_hop_response(&mut resp);
+        assert!(resp.headers.get("x-secret").is_none());
+        assert!(resp.headers.get("keep-alive").is_none());
+        assert!(resp.headers.get("connection").is_none());
+        assert_eq!(resp.headers["x-kept"], "1");
+    }
+
+    #[test]
+    fn hash_keys_come_from_ip_header_or_cookie() {
+        let r = req(&[("x-user", "u1"), ("cookie", "a=1; sid=xyz")]);
+        let ip = Some([10, 1, 2, 3].into());
+        assert_eq!(hash_key(&r, &HashOn::ClientIp, ip), b"10.1.2.3");
+        let h = HashOn::Header(HeaderName::from_static("x-user"));
+        assert_eq!(hash_key(&r, &h, ip), b"u1");
+        assert_eq!(hash_key(&r, &HashOn::Cookie("sid".into()), ip), b"xyz");
+        assert_eq!(hash_key(&r, &HashOn::Cookie("nope".into()), ip), b"");
+    }
+}

@@ -1,0 +1,413 @@
+//! The edge's `ProxyHttp`: one config snapshot per request, route match, server
+//! selection with queueing, retries on another server, passive failure marking,
+//! forwarding headers, WebSocket pass-through, and the answers the edge makes itself.
+//!
+//! Hook by hook (see pingora's hook order):
+//! - `new_ctx` loads the snapshot once; the request keeps it to the end.
+//! - `request_filter` validates what pingora lets through (Host, Content-Length,
+//!   header size on h2), matches the route (404 without one) and sets client timeouts.
+//! - `upstream_peer` claims a server (may wait in the pool queue; 503 at once when
+//!   every server is down) and sets every upstream timeout (pingora sets none).
+//! - `fail_to_connect` / `error_while_proxy` mark passive failures and decide
+//!   retries: a failed connect is always retried on another server, other errors only
+//!   for idempotent requests whose body is still buffered, within `retries`.
+//! - `logging` records metrics; the server lease ends when the context drops.
+
+pub mod headers;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error, ErrorSource, ErrorType};
+
+use crate::metrics::{status_class, Metrics};
+use crate::snapshot::{Snapshot, SnapshotHandle};
+use crate::upstream::{Lease, Unavailable};
+
+/// The proxy logic. Cheap to share: everything it holds is behind an `Arc`.
+pub struct Edge {
+    pub snapshots: SnapshotHandle,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Per-request state.
+pub struct Ctx {
+    pub snap: Arc<Snapshot>,
+    pub route: Option<usize>,
+    pub request_id: String,
+    pub start: Instant,
+    pub client_ip: Option<IpAddr>,
+    hash_key: Vec<u8>,
+    lease: Option<Lease>,
+    /// Server indices already tried by this request.
+    tried: Vec<usize>,
+    attempts: u32,
+    upgraded: bool,
+    /// The status the edge itself answered with, if it did.
+    edge_status: Option<u16>,
+    retry_after: bool,
+}
+
+impl Ctx {
+    fn route(&self) -> Option<&crate::snapshot::RouteSnap> {
+        self.route.map(|i| &self.snap.routes[i])
+    }
+
+    fn pool(&self) -> Option<&crate::upstream::Pool> {
+        self.route().map(|r| &self.snap.pools[r.pool])
+    }
+
+    fn route_name(&self) -> &str {
+        self.route().map_or("-", |r| r.name.as_str())
+    }
+}
+
+fn edge_error(status: u16, why: &'static str) -> Box<Error> {
+    Error::explain(ErrorType::HTTPStatus(status), why)
+}
+
+impl Edge {
+    /// Marks a passive failure of the current server; counts an ejection.
+    fn mark_failure(&self, ctx: &Ctx) {
+        let (Some(lease), Some(pool)) = (&ctx.lease, ctx.pool()) else {
+            return;
+        };
+        if lease
+            .server
+            .record_failure(pool.eject_after, pool.ejection_time)
+        {
+            let label = &pool.servers[lease.index].label;
+            log::warn!(
+                "pool {} server {label} ejected for {:?}",
+                pool.name,
+                pool.ejection_time
+            );
+            self.metrics
+                .ejections
+                .with_label_values(&[pool.name.as_str(), label.as_str()])
+                .inc();
+        }
+    }
+
+    /// Whether another attempt is allowed, and counts it.
+    fn may_retry(&self, ctx: &Ctx) -> bool {
+        let Some(pool) = ctx.pool() else { return false };
+        let ok = ctx.attempts <= pool.retries && ctx.tried.len() < pool.servers.len();
+        if ok {
+            self.metrics
+                .retries
+                .with_label_values(&[pool.name.as_str()])
+                .inc();
+        }
+        ok
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Edge {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            snap: self.snapshots.load_full(),
+            route: None,
+            request_id: String::new(),
+            start: Instant::now(),
+            client_ip: None,
+            hash_key: Vec::new(),
+            lease: None,
+            tried: Vec::new(),
+            attempts: 0,
+            upgraded: false,
+            edge_status: None,
+            retry_after: false,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        ctx.start = Instant::now();
+        let req = session.req_header();
+        ctx.request_id = headers::request_id(req.headers.get(headers::X_REQUEST_ID));
+        ctx.client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let is_h1 = !session.is_http2();
+        if let Err(invalid) = headers::check_request(
+            session.req_header(),
+            is_h1,
+            ctx.snap.client.max_header_bytes,
+        ) {
+            self.metrics
+                .rejected_requests
+                .with_label_values(&[&invalid.status().to_string()])
+                .inc();
+            respond(session, ctx, invalid.status(), invalid.reason()).await;
+            return Ok(true);
+        }
+        let req = session.req_header();
+        let host = headers::request_host(req);
+        let path = req.uri.path();
+        let Some(route) = ctx.snap.router.find(host, path) else {
+            respond(session, ctx, 404, "no route for this host and path").await;
+            return Ok(true);
+        };
+        ctx.route = Some(route);
+        let r = &ctx.snap.routes[route];
+        let pool = &ctx.snap.pools[r.pool];
+        ctx.hash_key = headers::hash_key(session.req_header(), &pool.hash_on, ctx.client_ip);
+        if session.is_upgrade_req() {
+            session.set_read_timeout(Some(r.websocket_idle_timeout));
+            session.set_write_timeout(Some(r.websocket_idle_timeout));
+        } else {
+            session.set_read_timeout(Some(ctx.snap.client.body_read_timeout));
+        }
+        Ok(false)
+    }
+
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let snap = ctx.snap.clone();
+        let Some(route) = ctx.route.map(|i| &snap.routes[i]) else {
+            return Err(edge_error(500, "no route chosen"));
+        };
+        let pool = &snap.pools[route.pool];
+        // the previous attempt's lease ends here, before the next one is taken
+        if let Some(prev) = ctx.lease.take() {
+            ctx.tried.push(prev.index);
+        }
+        let waited = Instant::now();
+        let lease = match pool.acquire(&ctx.hash_key, &ctx.tried).await {
+            Ok(l) => l,
+            Err(why) => {
+                let (status, text, reason) = match why {
+                    Unavailable::NoneAvailable => (503, "no healthy upstream server", "down"),
+                    Unavailable::AllTried => (502, "every upstream server failed", "tried"),
+                    Unavailable::QueueFull => (503, "upstream queue is full", "full"),
+                    Unavailable::QueueTimeout => (503, "timed out waiting for a server", "timeout"),
+                };
+                if matches!(why, Unavailable::QueueFull | Unavailable::QueueTimeout) {
+                    self.metrics
+                        .queue_rejections
+                        .with_label_values(&[pool.name.as_str(), reason])
+                        .inc();
+                }
+                ctx.retry_after = status == 503;
+                return Err(edge_error(status, text));
+            }
+        };
+        self.metrics
+            .queue_wait
+            .observe(waited.elapsed().as_secs_f64());
+        self.metrics.upstream_requests.inc();
+        ctx.attempts += 1;
+        let server = &pool.servers[lease.index];
+        let mut peer = Box::new(HttpPeer::new(server.addr, false, String::new()));
+        let o = &mut peer.options;
+        o.connection_timeout = Some(route.connect_timeout);
+        o.total_connection_timeout = Some(route.connect_timeout);
+        o.idle_timeout = Some(pool.timeouts.idle);
+        if session.is_upgrade_req() {
+            o.read_timeout = Some(route.websocket_idle_timeout);
+            o.write_timeout = Some(route.websocket_idle_timeout);
+        } else {
+            o.read_timeout = Some(route.read_timeout);
+            o.write_timeout = Some(route.write_timeout);
+        }
+        ctx.lease = Some(lease);
+        Ok(peer)
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut pingora::http::RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        let host = headers::request_host(session.req_header()).map(str::to_owned);
+        headers::add_forwarding(
+            upstream,
+            ctx.client_ip,
+            tls,
+            host.as_deref(),
+            &ctx.request_id,
+        );
+        if let Some(r) = ctx.route() {
+            headers::apply_request_edits(upstream, &r.request_headers);
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(lease) = &ctx.lease {
+            if resp.status.is_server_error() {
+                self.mark_failure(ctx);
+            } else {
+                lease.server.record_success();
+            }
+        }
+        headers::strip_hop_by_hop_response(resp);
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if resp.status.as_u16() == 101 && !ctx.upgraded {
+            ctx.upgraded = true;
+            self.metrics.websockets_active.inc();
+        }
+        let _ = resp.insert_header(headers::X_REQUEST_ID, ctx.request_id.clone());
+        if let Some(r) = ctx.route() {
+            headers::apply_response_edits(resp, &r.response_headers);
+        }
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let (Some(lease), Some(pool)) = (&ctx.lease, ctx.pool()) {
+            self.metrics
+                .connect_failures
+                .with_label_values(&[pool.name.as_str(), pool.servers[lease.index].label.as_str()])
+                .inc();
+        }
+        self.mark_failure(ctx);
+        // nothing reached the upstream: safe to retry any method elsewhere
+        let retry = self.may_retry(ctx);
+        e.set_retry(retry);
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if e.esource() == &ErrorSource::Upstream {
+            self.mark_failure(ctx);
+        }
+        let replayable = session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated();
+        if !replayable || ctx.upgraded {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+            if e.retry() && !self.may_retry(ctx) {
+                e.set_retry(false);
+            }
+        }
+        e
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        if let Some(written) = session.response_written() {
+            // the response already started: all we can do is cut the connection, so the
+            // client never takes a short body for a complete one
+            return FailToProxy {
+                error_code: written.status.as_u16(),
+                can_reuse_downstream: false,
+            };
+        }
+        let code = match e.etype() {
+            ErrorType::HTTPStatus(code) => *code,
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+                if e.esource() == &ErrorSource::Upstream =>
+            {
+                504
+            }
+            ErrorType::ReadTimedout if e.esource() == &ErrorSource::Downstream => 408,
+            _ => match e.esource() {
+                ErrorSource::Upstream => 502,
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                    _ => 400,
+                },
+                ErrorSource::Internal | ErrorSource::Unset => 500,
+            },
+        };
+        if code > 0 {
+            let text = match code {
+                502 => "upstream failed",
+                504 => "upstream timed out",
+                _ => e.context.as_ref().map_or("error", |c| c.as_str()),
+            };
+            respond(session, ctx, code, text).await;
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        let status = ctx
+            .edge_status
+            .unwrap_or_else(|| session.response_written().map_or(0, |r| r.status.as_u16()));
+        let route = ctx.route_name().to_owned();
+        self.metrics
+            .requests
+            .with_label_values(&[route.as_str(), status_class(status)])
+            .inc();
+        self.metrics
+            .duration
+            .with_label_values(&[route.as_str()])
+            .observe(ctx.start.elapsed().as_secs_f64());
+        if ctx.upgraded {
+            self.metrics.websockets_active.dec();
+        }
+        ctx.lease = None;
+    }
+
+    fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, e: &Error) -> bool {
+        // the edge's own answers (404, 503, ...) are expected, not errors
+        ctx.edge_status.is_some() && matches!(e.etype(), ErrorType::HTTPStatus(_))
+    }
+}
+
+/// Writes an answer the edge makes itself: a short text body, the request id, and
+/// `Retry-After` on 503. The connection closes afterwards.
+async fn respond(session: &mut Session, ctx: &mut Ctx, status: u16, text: &str) {
+    ctx.edge_status = Some(status);
+    let body = Bytes::from(format!("{status} {text}\n"));
+    let Ok(mut resp) = ResponseHeader::build(status, Some(5)) else {
+        return;
+    };
+    let _ = resp.insert_header("content-type", "text/plain; charset=utf-8");
+    let _ = resp.insert_header("content-length", body.len().to_string());
+    let _ = resp.insert_header(headers::X_REQUEST_ID, ctx.request_id.clone());
+    let _ = resp.insert_header("cache-control", "no-store");
+    if status == 503 || ctx.retry_after {
+        let _ = resp.insert_header("retry-after", "1");
+    }
+    if let Err(e) = session
+        .as_downstream_mut()
+        .write_error_response(resp, body)
+        .await
+    {
+        log::debug!("writing {status} to the client failed: {e}");
+    }
+}

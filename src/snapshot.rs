@@ -1,0 +1,249 @@
+//! The immutable, ready-to-serve form of a configuration.
+//!
+//! A [`Snapshot`] is built completely (host names resolved, pools and router made)
+//! before it is published through a [`SnapshotHandle`]; a request loads one snapshot
+//! in `new_ctx` and keeps it to its end, so a reload never changes the rules under a
+//! request in flight. Long-lived state is not owned here: pools point into the
+//! [`Registry`], keyed by (pool name, address), so it carries over reloads.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::{HeaderName, HeaderValue};
+
+use crate::config::{self, Config, ServerAddress};
+use crate::route::Router;
+use crate::upstream::{HealthSpec, Pool, PoolServer, Registry, Timeouts};
+
+/// The published snapshot, swapped atomically on reload.
+pub type SnapshotHandle = Arc<ArcSwap<Snapshot>>;
+
+/// How long the resolution of one server name may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Header edits of a route, parsed once.
+#[derive(Debug, Default, Clone)]
+pub struct HeaderEdits {
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+/// One route, ready to use.
+#[derive(Debug)]
+pub struct RouteSnap {
+    pub name: String,
+    pub pool: usize,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub websocket_idle_timeout: Duration,
+    pub request_headers: HeaderEdits,
+    pub response_headers: HeaderEdits,
+}
+
+/// Client-side limits.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientLimits {
+    pub header_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub body_read_timeout: Duration,
+}
+
+/// Everything a request needs to know, as of one configuration generation.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub generation: u64,
+    pub router: Router,
+    pub routes: Vec<RouteSnap>,
+    pub pools: Vec<Pool>,
+    pub client: ClientLimits,
+    /// The listener addresses this config asks for (they cannot change in-process).
+    pub listeners: Vec<(SocketAddr, bool)>,
+    pub admin: SocketAddr,
+}
+
+/// Why a validated config could not be turned into a snapshot.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("\n"))]
+pub struct BuildError(pub Vec<String>);
+
+impl Snapshot {
+    /// Builds a snapshot: resolves server names (asynchronously, never blocking a
+    /// runtime thread) and binds runtime state from `registry`.
+    pub async fn build(
+        cfg: &Config,
+        file: &str,
+        generation: u64,
+        registry: &Registry,
+    ) -> Result<Snapshot, BuildError> {
+        let mut errors = Vec::new();
+        let mut pools = Vec::new();
+        for (pi, u) in cfg.upstreams.iter().enumerate() {
+            let mut servers = Vec::new();
+            for (si, s) in u.servers.iter().enumerate() {
+                let addrs = match resolve(&s.address).await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        errors.push(format!(
+                            "{file}: upstreams[{pi}].servers[{si}].address: {e}"
+                        ));
+                        continue;
+                    }
+                };
+                let many = addrs.len() > 1;
+                for addr in addrs {
+                    if servers.iter().any(|p: &PoolServer| p.addr == addr) {
+                        continue;
+                    }
+                    servers.push(PoolServer {
+                        label: if many {
+                            format!("{}#{}", s.address, addr)
+                        } else {
+                            s.address.clone()
+                        },
+                        addr,
+                        weight: s.weight,
+                        max_conns: s.max_conns,
+                        state: registry.server(&u.name, addr),
+                    });
+                }
+            }
+            let health = match u.health_check.as_ref().map(|h| {
+                config::parse_status_set(&h.expected_status).map(|expected| HealthSpec {
+                    path: h.path.clone(),
+                    host: h.host.clone(),
+                    interval: h.interval.get(),
+                    timeout: h.timeout.get(),
+                    rise: h.rise,
+                    fall: h.fall,
+                    expected,
+                })
+            }) {
+                None => None,
+                Some(Ok(spec)) => Some(spec),
+                Some(Err(e)) => {
+                    errors.push(format!("{file}: upstreams[{pi}].health_check: {e}"));
+                    None
+                }
+            };
+            pools.push(Pool::new(
+                u.name.clone(),
+                u.algorithm,
+                config::parse_hash_on(&u.hash_on).unwrap_or(config::HashOn::ClientIp),
+                servers,
+                u.retries,
+                u.queue_size,
+                u.queue_timeout.get(),
+                Timeouts {
+                    connect: u.timeouts.connect.get(),
+                    read: u.timeouts.read.get(),
+                    write: u.timeouts.write.get(),
+                    idle: u.timeouts.idle.get(),
+                },
+                health,
+                u.passive.consecutive_failures,
+                u.passive.ejection_time.get(),
+                registry.pool(&u.name),
+            ));
+        }
+        let mut routes = Vec::new();
+        for r in &cfg.routes {
+            let Some(pool) = pools.iter().position(|p| p.name == r.upstream) else {
+                errors.push(format!(
+                    "{file}: route {:?}: no pool {:?}",
+                    r.name, r.upstream
+                ));
+                continue;
+            };
+            let t = &pools[pool].timeouts;
+            routes.push(RouteSnap {
+                name: r.name.clone(),
+                pool,
+                connect_timeout: r.timeouts.connect.map_or(t.connect, |d| d.get()),
+                read_timeout: r.timeouts.read.map_or(t.read, |d| d.get()),
+                write_timeout: r.timeouts.write.map_or(t.write, |d| d.get()),
+                websocket_idle_timeout: r.websocket_idle_timeout.get(),
+                request_headers: edits(&r.request_headers),
+                response_headers: edits(&r.response_headers),
+            });
+        }
+        if !errors.is_empty() {
+            return Err(BuildError(errors));
+        }
+        let router = Router::new(
+            cfg.routes
+                .iter()
+                .map(|r| (r.host.as_deref(), r.path_prefix.as_str())),
+        );
+        let parse_addr = |s: &str| s.parse::<SocketAddr>().ok();
+        Ok(Snapshot {
+            generation,
+            router,
+            routes,
+            pools,
+            client: ClientLimits {
+                header_timeout: cfg.client.header_timeout.get(),
+                keepalive_timeout: cfg.client.keepalive_timeout.get(),
+                max_header_bytes: cfg.client.max_header_bytes,
+                body_read_timeout: cfg.client.body_read_timeout.get(),
+            },
+            listeners: cfg
+                .listeners
+                .iter()
+                .filter_map(|l| parse_addr(&l.address).map(|a| (a, l.h2c)))
+                .collect(),
+            admin: parse_addr(&cfg.admin.address)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9901))),
+        })
+    }
+
+    pub fn pool(&self, name: &str) -> Option<&Pool> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+}
+
+fn edits(rules: &config::HeaderRules) -> HeaderEdits {
+    HeaderEdits {
+        set: rules
+            .set
+            .iter()
+            .filter_map(|(k, v)| {
+                Some((
+                    HeaderName::from_bytes(k.as_bytes()).ok()?,
+                    HeaderValue::from_str(v).ok()?,
+                ))
+            })
+            .collect(),
+        remove: rules
+            .remove
+            .iter()
+            .filter_map(|k| HeaderName::from_bytes(k.as_bytes()).ok())
+            .collect(),
+    }
+}
+
+/// Resolves a server address without blocking the runtime (pingora's own
+/// `HttpPeer::new` resolves synchronously and panics on failure).
+pub async fn resolve(address: &str) -> Result<Vec<SocketAddr>, String> {
+    match config::parse_server_address(address)? {
+        ServerAddress::Ip(a) => Ok(vec![a]),
+        ServerAddress::Name { host, port } => {
+            let lookup = tokio::net::lookup_host((host.as_str(), port));
+            match tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await {
+                Err(_) => Err(format!("resolving {address} timed out")),
+                Ok(Err(e)) => Err(format!("cannot resolve {address}: {e}")),
+                Ok(Ok(addrs)) => {
+                    let v: Vec<SocketAddr> = addrs.collect();
+                    if v.is_empty() {
+                        Err(format!("{address} resolved to no address"))
+                    } else {
+                        Ok(v)
+                    }
+                }
+            }
+        }
+    }
+}
