@@ -1,0 +1,469 @@
+//! Real parts for the integration tests: origins on ephemeral ports and a real
+//! `wingman-edge` process in front of them. Readiness is awaited, never slept on;
+//! every wait is bounded.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::Router;
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
+
+/// What an origin saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: BTreeMap<String, String>,
+    pub peer: SocketAddr,
+}
+
+/// Shared state of one origin.
+#[derive(Debug)]
+pub struct OriginState {
+    pub name: String,
+    /// Requests seen, `/healthz` excluded.
+    pub requests: AtomicUsize,
+    pub seen: Mutex<Vec<Seen>>,
+    /// What `/healthz` answers: 200 when true, 503 when false.
+    pub healthy: AtomicBool,
+    /// Health probes seen.
+    pub probes: AtomicUsize,
+    pub in_flight: AtomicUsize,
+    pub max_in_flight: AtomicUsize,
+}
+
+/// A real HTTP origin (axum) on 127.0.0.1, port chosen by the OS.
+///
+/// - any path: 200, body = origin name, header `x-origin: NAME`
+/// - `/status/{code}`: that status
+/// - `/slow/{ms}`: waits, then 200
+/// - `/healthz`: 200 or 503 per [`OriginState::healthy`]
+/// - `/ws`: WebSocket echo (text and binary)
+pub struct Origin {
+    pub addr: SocketAddr,
+    pub state: Arc<OriginState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Origin {
+    pub async fn start(name: &str) -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+        Self::serve(name, listener).await
+    }
+
+    /// Serves on a given listener (to restart an origin on the same port).
+    pub async fn serve(name: &str, listener: TcpListener) -> Origin {
+        let addr = listener.local_addr().expect("origin addr");
+        let state = Arc::new(OriginState {
+            name: name.to_owned(),
+            requests: AtomicUsize::new(0),
+            seen: Mutex::new(Vec::new()),
+            healthy: AtomicBool::new(true),
+            probes: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
+        });
+        let app = Router::new()
+            .route("/healthz", get(healthz))
+            .route("/ws", get(ws))
+            .route("/status/{code}", any(status))
+            .route("/slow/{ms}", any(slow))
+            .fallback(any(echo))
+            .with_state(state.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .await;
+        });
+        Origin { addr, state, task }
+    }
+
+    pub fn requests(&self) -> usize {
+        self.state.requests.load(Ordering::SeqCst)
+    }
+
+    pub fn set_healthy(&self, up: bool) {
+        self.state.healthy.store(up, Ordering::SeqCst);
+    }
+
+    pub fn last_seen(&self) -> Option<Seen> {
+        self.state.seen.lock().last().cloned()
+    }
+
+    /// Distinct client connections (peer addresses) the origin saw.
+    pub fn connections(&self) -> usize {
+        let seen = self.state.seen.lock();
+        seen.iter().map(|s| s.peer).collect::<HashSet<_>>().len()
+    }
+
+    /// Stops serving: new connections are refused.
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn record(st: &OriginState, method: &Method, uri: &Uri, headers: &HeaderMap, peer: SocketAddr) {
+    st.requests.fetch_add(1, Ordering::SeqCst);
+    st.seen.lock().push(Seen {
+        method: method.to_string(),
+        path: uri.to_string(),
+        headers: headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
+            .collect(),
+        peer,
+    });
+}
+
+async fn echo(
+    State(st): State<Arc<OriginState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    record(&st, &method, &uri, &headers, peer);
+    ([("x-origin", st.name.clone())], st.name.clone()).into_response()
+}
+
+async fn status(
+    State(st): State<Arc<OriginState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(code): Path<u16>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    record(&st, &method, &uri, &headers, peer);
+    let code = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST);
+    (code, [("x-origin", st.name.clone())], st.name.clone()).into_response()
+}
+
+async fn slow(
+    State(st): State<Arc<OriginState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(ms): Path<u64>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    record(&st, &method, &uri, &headers, peer);
+    let now = st.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    st.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    st.in_flight.fetch_sub(1, Ordering::SeqCst);
+    ([("x-origin", st.name.clone())], st.name.clone()).into_response()
+}
+
+async fn healthz(State(st): State<Arc<OriginState>>) -> StatusCode {
+    st.probes.fetch_add(1, Ordering::SeqCst);
+    if st.healthy.load(Ordering::SeqCst) {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+async fn ws(up: WebSocketUpgrade) -> Response {
+    up.on_upgrade(echo_socket)
+}
+
+async fn echo_socket(mut socket: WebSocket) {
+    while let Some(Ok(msg)) = socket.recv().await {
+        let reply = match msg {
+            Message::Text(t) => Message::Text(t),
+            Message::Binary(b) => Message::Binary(b),
+            Message::Close(_) => return,
+            _ => continue,
+        };
+        if socket.send(reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A running `wingman-edge run` process, killed on drop.
+pub struct Edge {
+    child: Child,
+    pub port: u16,
+    pub admin_port: u16,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    header: String,
+}
+
+/// The `[server]`, `[[listeners]]` and `[admin]` part tests use, for given ports.
+pub fn preamble(dir: &std::path::Path, port: u16, admin_port: u16) -> String {
+    format!(
+        r#"
+[server]
+threads = 2
+grace_period = "0s"
+graceful_shutdown_timeout = "1s"
+pid_file = "{dir}/edge.pid"
+upgrade_sock = "{dir}/upgrade.sock"
+
+[[listeners]]
+address = "127.0.0.1:{port}"
+
+[admin]
+address = "127.0.0.1:{admin_port}"
+"#,
+        dir = dir.display()
+    )
+}
+
+impl Edge {
+    /// Starts the edge with `body` (pools, routes, client limits) after the test
+    /// preamble, and waits until both listeners answer.
+    pub async fn start(body: &str) -> Edge {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let admin_port = free_port();
+        let header = preamble(dir.path(), port, admin_port);
+        let config_path = dir.path().join("edge.toml");
+        std::fs::write(&config_path, format!("{header}\n{body}")).expect("write config");
+        let log = std::fs::File::create(dir.path().join("edge.log")).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_wingman-edge"))
+            .args(["run", "-c"])
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn wingman-edge");
+        let mut edge = Edge {
+            child,
+            port,
+            admin_port,
+            dir,
+            config_path,
+            header,
+        };
+        edge.wait_ready().await;
+        edge
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let client = reqwest::Client::new();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("wingman-edge exited with {status}:\n{}", self.log());
+            }
+            let admin_ok = client
+                .get(self.admin_url("/healthz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            let proxy_ok = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok();
+            if admin_ok && proxy_ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "wingman-edge not ready after 20s:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("edge.log")).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.admin_port, path)
+    }
+
+    /// Writes a new body (same preamble) to the config file without signalling.
+    pub fn write_config(&self, body: &str) {
+        std::fs::write(&self.config_path, format!("{}\n{body}", self.header)).expect("write");
+    }
+
+    /// Writes the raw text as the whole config file.
+    pub fn write_raw_config(&self, text: &str) {
+        std::fs::write(&self.config_path, text).expect("write");
+    }
+
+    pub fn sighup(&self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    }
+
+    /// Writes `body`, sends SIGHUP and waits until the reload counter moves; returns
+    /// the new generation.
+    pub async fn reload(&self, body: &str) -> u64 {
+        let before = self.reload_count().await;
+        self.write_config(body);
+        self.sighup();
+        self.wait_reloads(before + 1.0).await;
+        self.metric("wingman_edge_config_generation")
+            .await
+            .unwrap_or(0.0) as u64
+    }
+
+    /// Total reloads so far (ok and error).
+    pub async fn reload_count(&self) -> f64 {
+        self.metric("wingman_edge_config_reloads_total{result=\"ok\"}")
+            .await
+            .unwrap_or(0.0)
+            + self
+                .metric("wingman_edge_config_reloads_total{result=\"error\"}")
+                .await
+                .unwrap_or(0.0)
+    }
+
+    pub async fn wait_reloads(&self, at_least: f64) {
+        let edge = self;
+        wait_until(Duration::from_secs(10), "reload", || async move {
+            edge.reload_count().await >= at_least
+        })
+        .await;
+    }
+
+    pub async fn metrics_text(&self) -> String {
+        reqwest::get(self.admin_url("/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+
+    /// The value of one series, written as in the exposition (`name{a="b"}`).
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = self.metrics_text().await;
+        text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        })
+    }
+
+    /// Waits until a series reaches `value` (metrics are recorded just after the
+    /// response is sent, so a client can see its answer before the count moves).
+    pub async fn wait_metric(&self, series: &str, value: f64) {
+        let edge = self;
+        let what = format!("{series} == {value}");
+        wait_until(Duration::from_secs(10), &what, || async move {
+            edge.metric(series).await == Some(value)
+        })
+        .await;
+    }
+
+    pub async fn status(&self) -> serde_json::Value {
+        reqwest::get(self.admin_url("/status"))
+            .await
+            .expect("status")
+            .json()
+            .await
+            .expect("status json")
+    }
+
+    /// The `/status` entry of one server.
+    pub async fn server_status(&self, pool: &str, addr: &str) -> serde_json::Value {
+        let s = self.status().await;
+        s["pools"]
+            .as_array()
+            .and_then(|pools| pools.iter().find(|p| p["name"] == pool))
+            .and_then(|p| p["servers"].as_array())
+            .and_then(|servers| servers.iter().find(|x| x["address"] == addr))
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` every 20 ms until it holds; panics after `limit`.
+pub async fn wait_until<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A client without connection reuse surprises: one fresh connection per request.
+pub fn fresh_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client")
+}
+
+/// Sends raw bytes on a new connection and reads the whole answer (until close or
+/// `limit`).
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], limit: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(bytes).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(limit, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A pool of servers as a TOML inline array.
+pub fn servers(origins: &[&Origin]) -> String {
+    let list: Vec<String> = origins
+        .iter()
+        .map(|o| format!("{{ address = \"{}\" }}", o.addr))
+        .collect();
+    format!("[{}]", list.join(", "))
+}
