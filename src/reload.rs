@@ -33,6 +33,8 @@ pub struct Reloader {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     generation: AtomicU64,
+    /// The listeners and admin address bound at start (they cannot change in-process).
+    bound: (Vec<(std::net::SocketAddr, bool)>, std::net::SocketAddr),
     /// Serializes reloads (two SIGHUPs in a row are handled one after the other).
     lock: tokio::sync::Mutex<()>,
 }
@@ -54,7 +56,9 @@ impl Reloader {
         let cfg = config::load(&path)?;
         let snap = Snapshot::build(&cfg, &path.display().to_string(), 1, &registry).await?;
         metrics.generation.set(1);
+        let bound = (snap.listeners.clone(), snap.admin);
         let r = Reloader {
+            bound,
             path,
             snapshots: Arc::new(ArcSwap::from_pointee(snap)),
             registry,
@@ -101,8 +105,7 @@ impl Reloader {
             &self.registry,
         )
         .await?;
-        let old = self.snapshots.load();
-        let restart_needed = old.listeners != snap.listeners || old.admin != snap.admin;
+        let restart_needed = self.bound.0 != snap.listeners || self.bound.1 != snap.admin;
         self.snapshots.store(Arc::new(snap));
         self.generation.store(generation, Ordering::Release);
         Ok(Reloaded {

@@ -37,11 +37,11 @@ impl Router {
                 }
             }
         }
-        let by_len = |v: &mut Vec<(String, usize)>| v.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        let by_len = |v: &mut Vec<(String, usize)>| v.sort_by_key(|e| std::cmp::Reverse(e.0.len()));
         r.exact.values_mut().for_each(by_len);
         r.wildcard.iter_mut().for_each(|(_, v)| by_len(v));
         by_len(&mut r.any);
-        r.wildcard.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        r.wildcard.sort_by_key(|e| std::cmp::Reverse(e.0.len()));
         r
     }
 

@@ -8,18 +8,7 @@ use std::time::Duration;
 use common::{raw_exchange, servers, Edge, Origin};
 
 fn one_pool(origin: &Origin) -> String {
-    format!(
-        r#"
-[[upstreams]]
-name = "app"
-servers = {}
-
-[[routes]]
-name = "all"
-upstream = "app"
-"#,
-        servers(&[origin])
-    )
+    common::single_pool(origin, "")
 }
 
 #[tokio::test]

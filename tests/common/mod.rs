@@ -467,3 +467,22 @@ pub fn servers(origins: &[&Origin]) -> String {
         .collect();
     format!("[{}]", list.join(", "))
 }
+
+/// A config body with `extra` first, then one pool `app` of `origin` and one route
+/// `all` to it.
+pub fn single_pool(origin: &Origin, extra: &str) -> String {
+    format!(
+        r#"
+{extra}
+
+[[upstreams]]
+name = "app"
+servers = {}
+
+[[routes]]
+name = "all"
+upstream = "app"
+"#,
+        servers(&[origin])
+    )
+}
