@@ -9,8 +9,9 @@
 //! - `upstream_peer` claims a server (may wait in the pool queue; 503 at once when
 //!   every server is down) and sets every upstream timeout (pingora sets none).
 //! - `fail_to_connect` / `error_while_proxy` mark passive failures and decide
-//!   retries: a failed connect is always retried on another server, other errors only
-//!   for idempotent requests whose body is still buffered, within `retries`.
+//!   retries: a failed connect is always retried on another server, other errors
+//!   (reset, close, timeout) only for idempotent requests whose body is still
+//!   buffered and whose response has not started, within `retries`.
 //! - `logging` records metrics; the server lease ends when the context drops.
 
 pub mod headers;
@@ -95,10 +96,13 @@ impl Edge {
         }
     }
 
-    /// Whether another attempt is allowed, and counts it.
+    /// Whether another attempt is allowed (the retry budget is not spent and a server
+    /// other than the one that just failed is left), and counts it.
     fn may_retry(&self, ctx: &Ctx) -> bool {
         let Some(pool) = ctx.pool() else { return false };
-        let ok = ctx.attempts <= pool.retries && ctx.tried.len() < pool.servers.len();
+        // the failing server joins `tried` when the next attempt starts
+        let others_left = ctx.tried.len() + 1 < pool.servers.len();
+        let ok = ctx.attempts <= pool.retries && others_left;
         if ok {
             self.metrics
                 .retries
@@ -304,22 +308,22 @@ impl ProxyHttp for Edge {
         session: &mut Session,
         e: Box<Error>,
         ctx: &mut Ctx,
-        client_reused: bool,
+        _client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
         if e.esource() == &ErrorSource::Upstream {
             self.mark_failure(ctx);
         }
+        // Like nginx's `proxy_next_upstream error timeout`: an idempotent request whose
+        // body is still fully buffered is retried elsewhere when the upstream fails
+        // before the response started; anything else was possibly acted on, or is
+        // already partly with the client.
         let replayable = session.req_header().method.is_idempotent()
-            && !session.as_ref().retry_buffer_truncated();
-        if !replayable || ctx.upgraded {
-            e.set_retry(false);
-        } else {
-            e.retry.decide_reuse(client_reused);
-            if e.retry() && !self.may_retry(ctx) {
-                e.set_retry(false);
-            }
-        }
+            && !session.as_ref().retry_buffer_truncated()
+            && session.response_written().is_none()
+            && !ctx.upgraded;
+        let retry = replayable && self.may_retry(ctx);
+        e.set_retry(retry);
         e
     }
 
