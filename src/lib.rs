@@ -7,6 +7,8 @@
 
 pub mod admin;
 pub mod app;
+pub mod buffer;
+pub mod compress;
 pub mod config;
 pub mod listener;
 pub mod metrics;

@@ -38,6 +38,12 @@ pub struct Metrics {
     pool_queued: IntGaugeVec,
     pub queue_wait: Histogram,
     pub upstream_requests: IntCounter,
+    pub compression_bytes: IntCounterVec,
+    pub compressed_responses: IntCounterVec,
+    pub buffered_responses: IntCounterVec,
+    pub buffered_requests: IntCounterVec,
+    pub buffer_spills: IntCounterVec,
+    pub body_too_large: IntCounter,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -152,6 +158,35 @@ impl Metrics {
             upstream_requests: reg!(IntCounter::new(
                 "wingman_edge_upstream_attempts_total",
                 "Attempts to send a request to an upstream server"
+            )),
+            compression_bytes: reg!(counter(
+                "wingman_edge_compression_bytes_total",
+                "Bytes into and out of the response compressors, by algorithm",
+                &["algorithm", "direction"]
+            )),
+            compressed_responses: reg!(counter(
+                "wingman_edge_compressed_responses_total",
+                "Responses compressed by the edge, by algorithm",
+                &["algorithm"]
+            )),
+            buffered_responses: reg!(counter(
+                "wingman_edge_buffered_responses_total",
+                "Responses buffered before sending, by where they ended up (memory, file, streamed)",
+                &["outcome"]
+            )),
+            buffered_requests: reg!(counter(
+                "wingman_edge_buffered_requests_total",
+                "Request bodies read in full before contacting an upstream, by storage",
+                &["storage"]
+            )),
+            buffer_spills: reg!(counter(
+                "wingman_edge_buffer_spills_total",
+                "Bodies spooled to a temporary file, by kind (request, response)",
+                &["kind"]
+            )),
+            body_too_large: reg!(IntCounter::new(
+                "wingman_edge_request_body_too_large_total",
+                "Requests answered 413 for a body above client_max_body_size"
             )),
             registry,
         }

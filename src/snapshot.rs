@@ -13,6 +13,8 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use http::{HeaderName, HeaderValue};
 
+use crate::buffer::{ResponseBuffering, SpoolLimits};
+use crate::compress::{Coding, Levels, TypeSet};
 use crate::config::{self, Config, ServerAddress};
 use crate::route::Router;
 use crate::upstream::{HealthSpec, Pool, PoolServer, Registry, Timeouts};
@@ -30,6 +32,26 @@ pub struct HeaderEdits {
     pub remove: Vec<HeaderName>,
 }
 
+/// Compression policy of a route.
+#[derive(Debug, Clone)]
+pub struct CompressionPolicy {
+    /// In server preference order.
+    pub offered: Vec<Coding>,
+    pub levels: Levels,
+    pub min_length: u64,
+    pub types: TypeSet,
+    pub event_streams: bool,
+}
+
+/// Request buffering of a route.
+#[derive(Debug, Clone)]
+pub struct RequestBuffering {
+    /// Read the whole body before choosing an upstream.
+    pub enabled: bool,
+    pub max_body: u64,
+    pub memory: usize,
+}
+
 /// One route, ready to use.
 #[derive(Debug)]
 pub struct RouteSnap {
@@ -41,6 +63,9 @@ pub struct RouteSnap {
     pub websocket_idle_timeout: Duration,
     pub request_headers: HeaderEdits,
     pub response_headers: HeaderEdits,
+    pub compression: Option<CompressionPolicy>,
+    pub request_buffering: RequestBuffering,
+    pub response_buffering: Option<ResponseBuffering>,
 }
 
 /// Client-side limits.
@@ -50,6 +75,9 @@ pub struct ClientLimits {
     pub keepalive_timeout: Duration,
     pub max_header_bytes: usize,
     pub body_read_timeout: Duration,
+    pub send_timeout: Duration,
+    /// Bytes per second; 0: no minimum.
+    pub min_send_rate: u64,
 }
 
 /// Everything a request needs to know, as of one configuration generation.
@@ -63,6 +91,8 @@ pub struct Snapshot {
     /// The listener addresses this config asks for (they cannot change in-process).
     pub listeners: Vec<(SocketAddr, bool)>,
     pub admin: SocketAddr,
+    /// Where spooled bodies go.
+    pub temp_dir: std::path::PathBuf,
 }
 
 /// Why a validated config could not be turned into a snapshot.
@@ -168,6 +198,19 @@ impl Snapshot {
                 websocket_idle_timeout: r.websocket_idle_timeout.get(),
                 request_headers: edits(&r.request_headers),
                 response_headers: edits(&r.response_headers),
+                compression: compression_policy(&r.compression),
+                request_buffering: RequestBuffering {
+                    enabled: r.buffering.request,
+                    max_body: r.buffering.client_max_body_size.get(),
+                    memory: r.buffering.request_memory.get() as usize,
+                },
+                response_buffering: r.buffering.response.then(|| ResponseBuffering {
+                    limits: SpoolLimits {
+                        memory: r.buffering.response_memory.get() as usize,
+                        file: r.buffering.response_max_temp_file.get(),
+                        dir: cfg.server.temp_dir.clone(),
+                    },
+                }),
             });
         }
         if !errors.is_empty() {
@@ -189,7 +232,10 @@ impl Snapshot {
                 keepalive_timeout: cfg.client.keepalive_timeout.get(),
                 max_header_bytes: cfg.client.max_header_bytes,
                 body_read_timeout: cfg.client.body_read_timeout.get(),
+                send_timeout: cfg.client.send_timeout.get(),
+                min_send_rate: cfg.client.min_send_rate.get(),
             },
+            temp_dir: cfg.server.temp_dir.clone(),
             listeners: cfg
                 .listeners
                 .iter()
@@ -203,6 +249,31 @@ impl Snapshot {
     pub fn pool(&self, name: &str) -> Option<&Pool> {
         self.pools.iter().find(|p| p.name == name)
     }
+}
+
+fn compression_policy(c: &config::Compression) -> Option<CompressionPolicy> {
+    if !c.enabled {
+        return None;
+    }
+    let offered: Vec<Coding> = c
+        .algorithms
+        .iter()
+        .filter_map(|a| Coding::from_token(a))
+        .collect();
+    if offered.is_empty() {
+        return None;
+    }
+    Some(CompressionPolicy {
+        offered,
+        levels: Levels {
+            gzip: c.gzip_level,
+            brotli: c.brotli_level,
+            zstd: c.zstd_level,
+        },
+        min_length: c.min_length.get(),
+        types: TypeSet::new(&c.types),
+        event_streams: c.event_streams,
+    })
 }
 
 fn edits(rules: &config::HeaderRules) -> HeaderEdits {

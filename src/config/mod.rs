@@ -16,6 +16,7 @@
 
 mod duration;
 mod locate;
+mod size;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -26,6 +27,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use duration::HumanDuration;
+pub use size::ByteSize;
 pub use locate::{KeyPath, Segment};
 pub use validate::{
     check_host_pattern, parse_hash_on, parse_server_address, parse_status_set, HashOn,
@@ -115,6 +117,9 @@ pub struct ServerSection {
     /// Idle upstream connections kept for reuse, in total.
     #[serde(default = "default_upstream_keepalive_pool_size")]
     pub upstream_keepalive_pool_size: usize,
+    /// Where buffered bodies larger than their memory limit are spooled.
+    #[serde(default = "default_temp_dir")]
+    pub temp_dir: PathBuf,
 }
 
 impl Default for ServerSection {
@@ -126,6 +131,7 @@ impl Default for ServerSection {
             pid_file: default_pid_file(),
             upgrade_sock: default_upgrade_sock(),
             upstream_keepalive_pool_size: default_upstream_keepalive_pool_size(),
+            temp_dir: default_temp_dir(),
         }
     }
 }
@@ -175,6 +181,12 @@ pub struct ClientLimits {
     /// Per-read timeout on a request body.
     #[serde(default = "default_body_read_timeout")]
     pub body_read_timeout: HumanDuration,
+    /// Longest wait for one write of a response to a client (nginx `send_timeout`).
+    #[serde(default = "default_send_timeout")]
+    pub send_timeout: HumanDuration,
+    /// Slowest accepted response send rate in bytes per second (0: no minimum).
+    #[serde(default)]
+    pub min_send_rate: ByteSize,
 }
 
 impl Default for ClientLimits {
@@ -185,6 +197,8 @@ impl Default for ClientLimits {
             keepalive_requests: default_keepalive_requests(),
             max_header_bytes: default_max_header_bytes(),
             body_read_timeout: default_body_read_timeout(),
+            send_timeout: default_send_timeout(),
+            min_send_rate: ByteSize(0),
         }
     }
 }
@@ -330,6 +344,88 @@ pub struct Route {
     pub request_headers: HeaderRules,
     #[serde(default)]
     pub response_headers: HeaderRules,
+    #[serde(default)]
+    pub compression: Compression,
+    #[serde(default)]
+    pub buffering: Buffering,
+}
+
+/// Response compression of a route.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Compression {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Codings offered, in server preference order (`br`, `zstd`, `gzip`).
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    #[serde(default = "default_gzip_level")]
+    pub gzip_level: u32,
+    #[serde(default = "default_brotli_level")]
+    pub brotli_level: u32,
+    #[serde(default = "default_zstd_level")]
+    pub zstd_level: i32,
+    /// Responses whose Content-Length is below this are sent as is.
+    #[serde(default = "default_min_length")]
+    pub min_length: ByteSize,
+    /// Media types compressed: `text/*`, `application/json`, `application/*+json`...
+    #[serde(default = "default_compress_types")]
+    pub types: Vec<String>,
+    /// Also compress text/event-stream, flushing every chunk (off: sent as is).
+    #[serde(default)]
+    pub event_streams: bool,
+}
+
+impl Default for Compression {
+    fn default() -> Self {
+        Compression {
+            enabled: true,
+            algorithms: default_algorithms(),
+            gzip_level: default_gzip_level(),
+            brotli_level: default_brotli_level(),
+            zstd_level: default_zstd_level(),
+            min_length: default_min_length(),
+            types: default_compress_types(),
+            event_streams: false,
+        }
+    }
+}
+
+/// Request and response buffering of a route.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Buffering {
+    /// Read the whole request body before choosing and contacting an upstream.
+    #[serde(default = "default_true")]
+    pub request: bool,
+    /// Request bodies above this get 413.
+    #[serde(default = "default_client_max_body_size")]
+    pub client_max_body_size: ByteSize,
+    /// Request body bytes kept in memory before spooling to a temporary file.
+    #[serde(default = "default_request_memory")]
+    pub request_memory: ByteSize,
+    /// Read the whole response from the upstream at its speed before sending it
+    /// (off for WebSocket, text/event-stream and `X-Accel-Buffering: no`).
+    #[serde(default = "default_true")]
+    pub response: bool,
+    /// Response bytes kept in memory before spooling to a temporary file.
+    #[serde(default = "default_response_memory")]
+    pub response_memory: ByteSize,
+    /// Largest temporary file per response; past it the response streams (0: no
+    /// file, stream past `response_memory`).
+    #[serde(default = "default_response_max_temp_file")]
+    pub response_max_temp_file: ByteSize,
+}
+
+impl Default for Buffering {
+    fn default() -> Self {
+        Buffering {
+            request: true,
+            client_max_body_size: default_client_max_body_size(),
+            request_memory: default_request_memory(),
+            response: true,
+            response_memory: default_response_memory(),
+            response_max_temp_file: default_response_max_temp_file(),
+        }
+    }
 }
 
 /// Per-route overrides of upstream timeouts.
@@ -438,6 +534,58 @@ fn default_consecutive_failures() -> u32 {
 }
 fn default_ejection_time() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
+}
+fn default_temp_dir() -> PathBuf {
+    std::env::temp_dir()
+}
+fn default_send_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+fn default_algorithms() -> Vec<String> {
+    vec!["br".into(), "zstd".into(), "gzip".into()]
+}
+fn default_gzip_level() -> u32 {
+    5
+}
+fn default_brotli_level() -> u32 {
+    5
+}
+fn default_zstd_level() -> i32 {
+    3
+}
+fn default_min_length() -> ByteSize {
+    ByteSize(1024)
+}
+fn default_compress_types() -> Vec<String> {
+    [
+        "text/*",
+        "application/json",
+        "application/*+json",
+        "application/javascript",
+        "application/x-javascript",
+        "application/xml",
+        "application/*+xml",
+        "application/wasm",
+        "application/x-ndjson",
+        "image/svg+xml",
+        "image/x-icon",
+        "font/ttf",
+        "font/otf",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn default_client_max_body_size() -> ByteSize {
+    ByteSize(10 << 20)
+}
+fn default_request_memory() -> ByteSize {
+    ByteSize(1 << 20)
+}
+fn default_response_memory() -> ByteSize {
+    ByteSize(256 << 10)
+}
+fn default_response_max_temp_file() -> ByteSize {
+    ByteSize(1 << 30)
 }
 fn default_path_prefix() -> String {
     "/".into()

@@ -338,6 +338,36 @@ pub fn validate(c: &Config) -> Vec<(KeyPath, String)> {
                 out.push((rp.key("timeouts").key(key), "must be longer than 0s".into()));
             }
         }
+        let cp = rp.key("compression");
+        let mut seen_algos = HashSet::new();
+        for (j, a) in r.compression.algorithms.iter().enumerate() {
+            if crate::compress::Coding::from_token(a).is_none() || a == "x-gzip" {
+                out.push((
+                    cp.key("algorithms").index(j),
+                    format!("{a:?} is not one of br, zstd, gzip"),
+                ));
+            } else if !seen_algos.insert(a.as_str()) {
+                out.push((cp.key("algorithms").index(j), format!("{a:?} is listed twice")));
+            }
+        }
+        if !(1..=9).contains(&r.compression.gzip_level) {
+            out.push((cp.key("gzip_level"), "must be 1 to 9".into()));
+        }
+        if r.compression.brotli_level > 11 {
+            out.push((cp.key("brotli_level"), "must be 0 to 11".into()));
+        }
+        if !(1..=19).contains(&r.compression.zstd_level) {
+            out.push((cp.key("zstd_level"), "must be 1 to 19".into()));
+        }
+        for (j, t) in r.compression.types.iter().enumerate() {
+            if let Err(e) = crate::compress::check_type_pattern(t) {
+                out.push((cp.key("types").index(j), e));
+            }
+        }
+        let bp = rp.key("buffering");
+        if r.buffering.client_max_body_size.get() == 0 {
+            out.push((bp.key("client_max_body_size"), "must be above 0".into()));
+        }
         check_header_rules(&r.request_headers, &rp.key("request_headers"), &mut out);
         check_header_rules(&r.response_headers, &rp.key("response_headers"), &mut out);
     }

@@ -27,8 +27,10 @@ use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType};
 
+use crate::buffer::{self, BufferedBody, Spool, SpoolError, SpoolLimits};
+use crate::compress::{self, Encoder};
 use crate::metrics::{status_class, Metrics};
-use crate::snapshot::{Snapshot, SnapshotHandle};
+use crate::snapshot::{CompressionPolicy, RequestBuffering, Snapshot, SnapshotHandle};
 use crate::upstream::{Lease, Unavailable};
 
 /// The proxy logic. Cheap to share: everything it holds is behind an `Arc`.
@@ -53,6 +55,18 @@ pub struct Ctx {
     /// The status the edge itself answered with, if it did.
     edge_status: Option<u16>,
     retry_after: bool,
+    /// Accept-Encoding of the request, for negotiation at response time.
+    accept_encoding: Vec<String>,
+    is_head: bool,
+    has_range: bool,
+    /// The whole request body, read before choosing an upstream (request buffering).
+    request_body: Option<Bytes>,
+    /// Body bytes seen so far when the body streams (for client_max_body_size).
+    streamed_body: u64,
+    /// The upstream said `X-Accel-Buffering: no`.
+    no_buffering: bool,
+    encoder: Option<Encoder>,
+    buffer: Option<BufferedBody>,
 }
 
 impl Ctx {
@@ -96,6 +110,131 @@ impl Edge {
         }
     }
 
+    /// Decides compression for a response and rewrites its header accordingly.
+    fn start_compression(
+        &self,
+        policy: &CompressionPolicy,
+        status: u16,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) {
+        if compress::eligible(
+            status,
+            ctx.is_head,
+            ctx.has_range,
+            &resp.headers,
+            &policy.types,
+            policy.min_length,
+            policy.event_streams,
+        )
+        .is_err()
+        {
+            return;
+        }
+        // the answer depends on Accept-Encoding even when this client gets identity
+        if let Some(vary) = compress::merged_vary(&resp.headers) {
+            let _ = resp.insert_header(http::header::VARY, vary);
+        }
+        let Some(coding) = compress::negotiate(
+            ctx.accept_encoding.iter().map(String::as_str),
+            &policy.offered,
+        ) else {
+            return;
+        };
+        let event_stream = resp
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(compress::is_event_stream);
+        let Ok(encoder) = Encoder::new(coding, policy.levels, event_stream) else {
+            return;
+        };
+        let _ = resp.insert_header(http::header::CONTENT_ENCODING, coding.token());
+        resp.remove_header(&http::header::CONTENT_LENGTH);
+        resp.remove_header(&http::header::ACCEPT_RANGES);
+        match compress::weakened_etag(&resp.headers) {
+            compress::EtagChange::Keep => {}
+            compress::EtagChange::Set(v) => {
+                let _ = resp.insert_header(http::header::ETAG, v);
+            }
+            compress::EtagChange::Remove => {
+                resp.remove_header(&http::header::ETAG);
+            }
+        }
+        self.metrics
+            .compressed_responses
+            .with_label_values(&[coding.token()])
+            .inc();
+        ctx.encoder = Some(encoder);
+    }
+
+    /// Answers 413 and counts it.
+    async fn body_too_large(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        self.metrics.body_too_large.inc();
+        respond(session, ctx, 413, "request body too large").await;
+        Ok(true)
+    }
+
+    /// Reads the whole request body before any upstream is chosen, so a slow upload
+    /// never ties up an app server. 413 once it passes `client_max_body_size`.
+    async fn buffer_request_body(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        cfg: &RequestBuffering,
+    ) -> Result<bool> {
+        if session
+            .req_header()
+            .headers
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+            && !session.is_http2()
+        {
+            let cont = ResponseHeader::build(100, Some(0))?;
+            session
+                .as_downstream_mut()
+                .write_response_header(Box::new(cont))
+                .await?;
+        }
+        let mut spool = Spool::new(SpoolLimits {
+            memory: cfg.memory,
+            file: cfg.max_body,
+            dir: ctx.snap.temp_dir.clone(),
+        });
+        loop {
+            match session.read_request_body().await? {
+                None => break,
+                Some(chunk) => match spool.push(&chunk) {
+                    Ok(()) => {}
+                    Err(SpoolError::Full) => return self.body_too_large(session, ctx).await,
+                    Err(SpoolError::Io(e)) => {
+                        return Err(Error::because(
+                            ErrorType::InternalError,
+                            "spooling the request body",
+                            e,
+                        ))
+                    }
+                },
+            }
+        }
+        let storage = if spool.spilled() { "file" } else { "memory" };
+        self.metrics
+            .buffered_requests
+            .with_label_values(&[storage])
+            .inc();
+        if spool.spilled() {
+            self.metrics
+                .buffer_spills
+                .with_label_values(&["request"])
+                .inc();
+        }
+        let body = spool.take().map_err(|e| {
+            Error::because(ErrorType::InternalError, "reading the spooled request body", e)
+        })?;
+        ctx.request_body = Some(body);
+        Ok(false)
+    }
+
     /// Whether another attempt is allowed (the retry budget is not spent and a server
     /// other than the one that just failed is left), and counts it.
     fn may_retry(&self, ctx: &Ctx) -> bool {
@@ -131,6 +270,14 @@ impl ProxyHttp for Edge {
             upgraded: false,
             edge_status: None,
             retry_after: false,
+            accept_encoding: Vec::new(),
+            is_head: false,
+            has_range: false,
+            request_body: None,
+            streamed_body: 0,
+            no_buffering: false,
+            encoder: None,
+            buffer: None,
         }
     }
 
@@ -166,13 +313,62 @@ impl ProxyHttp for Edge {
         let r = &ctx.snap.routes[route];
         let pool = &ctx.snap.pools[r.pool];
         ctx.hash_key = headers::hash_key(session.req_header(), &pool.hash_on, ctx.client_ip);
+        let req = session.req_header();
+        ctx.is_head = req.method == http::Method::HEAD;
+        ctx.has_range = req.headers.contains_key(http::header::RANGE);
+        ctx.accept_encoding = req
+            .headers
+            .get_all(http::header::ACCEPT_ENCODING)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .collect();
+        let client = ctx.snap.client;
         if session.is_upgrade_req() {
             session.set_read_timeout(Some(r.websocket_idle_timeout));
             session.set_write_timeout(Some(r.websocket_idle_timeout));
-        } else {
-            session.set_read_timeout(Some(ctx.snap.client.body_read_timeout));
+            return Ok(false);
+        }
+        session.set_read_timeout(Some(client.body_read_timeout));
+        session.set_write_timeout(Some(client.send_timeout));
+        if client.min_send_rate > 0 {
+            session.set_min_send_rate(Some(client.min_send_rate as usize));
+        }
+        let buffering = r.request_buffering.clone();
+        if let Some(len) = declared_length(session.req_header()) {
+            if len > buffering.max_body {
+                return self.body_too_large(session, ctx).await;
+            }
+        }
+        if buffering.enabled && !session.as_mut().is_body_empty() {
+            return self.buffer_request_body(session, ctx, &buffering).await;
         }
         Ok(false)
+    }
+
+    fn prebuffered_request_body(&self, _session: &Session, ctx: &Ctx) -> Option<Bytes> {
+        ctx.request_body.clone()
+    }
+
+    async fn request_body_filter(
+        &self,
+        session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        // a streamed (unbuffered) body is still held to client_max_body_size
+        if ctx.request_body.is_none() && !ctx.upgraded && !session.was_upgraded() {
+            let max = ctx.route().map(|r| r.request_buffering.max_body);
+            if let (Some(b), Some(max)) = (body.as_ref(), max) {
+                ctx.streamed_body += b.len() as u64;
+                if ctx.streamed_body > max {
+                    self.metrics.body_too_large.inc();
+                    return Err(edge_error(413, "request body too large"));
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
@@ -242,6 +438,10 @@ impl ProxyHttp for Edge {
             host.as_deref(),
             &ctx.request_id,
         );
+        if ctx.request_body.is_some() {
+            // the edge already answered `Expect: 100-continue` and holds the body
+            upstream.remove_header(&http::header::EXPECT);
+        }
         if let Some(r) = ctx.route() {
             headers::apply_request_edits(upstream, &r.request_headers);
         }
@@ -262,12 +462,16 @@ impl ProxyHttp for Edge {
             }
         }
         headers::strip_hop_by_hop_response(resp);
+        if let Some(v) = resp.headers.get("x-accel-buffering") {
+            ctx.no_buffering = v.as_bytes().eq_ignore_ascii_case(b"no");
+            resp.remove_header("x-accel-buffering");
+        }
         Ok(())
     }
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
@@ -276,10 +480,82 @@ impl ProxyHttp for Edge {
             self.metrics.websockets_active.inc();
         }
         let _ = resp.insert_header(headers::X_REQUEST_ID, ctx.request_id.clone());
-        if let Some(r) = ctx.route() {
-            headers::apply_response_edits(resp, &r.response_headers);
+        let snap = ctx.snap.clone();
+        let Some(r) = ctx.route.map(|i| &snap.routes[i]) else {
+            return Ok(());
+        };
+        headers::apply_response_edits(resp, &r.response_headers);
+        if ctx.upgraded || session.is_upgrade_req() {
+            return Ok(());
+        }
+        let status = resp.status.as_u16();
+        if let Some(policy) = &r.compression {
+            self.start_compression(policy, status, resp, ctx);
+        }
+        let event_stream = resp
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(compress::is_event_stream);
+        if let Some(cfg) = &r.response_buffering {
+            let has_body = !ctx.is_head && status >= 200 && status != 204 && status != 304;
+            if has_body && !event_stream && !ctx.no_buffering {
+                ctx.buffer = Some(BufferedBody::new(cfg));
+            }
         }
         Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<std::time::Duration>> {
+        if let Some(enc) = ctx.encoder.as_mut() {
+            let input = body.take().unwrap_or_default();
+            let out = enc.encode(&input, end_of_stream).map_err(|e| {
+                Error::because(ErrorType::InternalError, "compressing the response", e)
+            })?;
+            *body = (!out.is_empty()).then_some(out);
+            if end_of_stream {
+                let algo = enc.coding.token();
+                self.metrics
+                    .compression_bytes
+                    .with_label_values(&[algo, "in"])
+                    .inc_by(enc.bytes_in);
+                self.metrics
+                    .compression_bytes
+                    .with_label_values(&[algo, "out"])
+                    .inc_by(enc.bytes_out);
+            }
+        }
+        if let Some(buf) = ctx.buffer.as_mut() {
+            let input = body.take().unwrap_or_default();
+            *body = buf
+                .push(input, end_of_stream)
+                .map_err(|e| Error::because(ErrorType::InternalError, "buffering the response", e))?
+                .filter(|b| !b.is_empty());
+            if end_of_stream {
+                let outcome = match buf.outcome() {
+                    buffer::Outcome::Memory => "memory",
+                    buffer::Outcome::File => "file",
+                    buffer::Outcome::Streamed => "streamed",
+                };
+                self.metrics
+                    .buffered_responses
+                    .with_label_values(&[outcome])
+                    .inc();
+                if buf.spilled() {
+                    self.metrics
+                        .buffer_spills
+                        .with_label_values(&["response"])
+                        .inc();
+                }
+            }
+        }
+        Ok(None)
     }
 
     fn fail_to_connect(
@@ -390,6 +666,14 @@ impl ProxyHttp for Edge {
         // the edge's own answers (404, 503, ...) are expected, not errors
         ctx.edge_status.is_some() && matches!(e.etype(), ErrorType::HTTPStatus(_))
     }
+}
+
+/// The request's Content-Length, when it has a valid one.
+fn declared_length(req: &pingora::http::RequestHeader) -> Option<u64> {
+    req.headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Writes an answer the edge makes itself: a short text body, the request id, and

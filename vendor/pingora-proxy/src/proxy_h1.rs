@@ -489,7 +489,12 @@ where
 
         let mut downstream_state = DownstreamStateMachine::new(session.as_mut().is_body_done());
 
-        let buffer = session.as_ref().get_retry_buffer();
+        // wingman-edge patch: a body the implementation read before choosing the
+        // upstream takes the place of the retry buffer
+        let buffer = self
+            .inner
+            .prebuffered_request_body(session, ctx)
+            .or_else(|| session.as_ref().get_retry_buffer());
 
         // retry, send buffer if it exists or body empty
         if buffer.is_some() || session.as_mut().is_body_empty() {

@@ -526,8 +526,10 @@ where
 
         let mut downstream_state = DownstreamStateMachine::new(session.as_mut().is_body_done());
 
-        // retry, send buffer if it exists
-        if let Some(buffer) = session.as_mut().get_retry_buffer() {
+        // retry, send buffer if it exists (wingman-edge patch: or the body the
+        // implementation read before choosing the upstream)
+        let prebuffered = self.inner.prebuffered_request_body(session, ctx);
+        if let Some(buffer) = prebuffered.or_else(|| session.as_mut().get_retry_buffer()) {
             self.send_body_to2(
                 session,
                 Some(buffer),

@@ -158,6 +158,17 @@ pub trait ProxyHttp {
         Ok(())
     }
 
+    /// wingman-edge patch: a request body the implementation already read in full
+    /// (for example in `request_filter`, before any upstream is chosen).
+    ///
+    /// When this returns `Some`, the body is sent to the upstream on every attempt
+    /// (retries included) in place of the downstream body, which must then be fully
+    /// consumed. `request_body_filter` still sees it. The default, `None`, keeps
+    /// pingora's behaviour.
+    fn prebuffered_request_body(&self, _session: &Session, _ctx: &Self::CTX) -> Option<Bytes> {
+        None
+    }
+
     /// This filter decides if the request is cacheable and what cache backend to use
     ///
     /// The caller can interact with `Session.cache` to enable caching.
