@@ -1,0 +1,103 @@
+//! Messages of a conversation: the keyset-paginated list
+//! (`GET /api/conversations/{id}/messages?after=|before=&limit=`) and posting a user
+//! message, which is persisted before the 201 and then queued for an AI reply.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::conversations::{invalidate, owned};
+use super::error::ApiError;
+use super::extract::{parse_id, ApiJson, ApiQuery, AuthUser};
+use super::{private, AppState};
+use crate::bus::Event;
+use crate::jobs::AiJob;
+use crate::store::Page;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/conversations/{id}/messages", get(list).post(post_message))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    after: Option<i64>,
+    before: Option<i64>,
+    limit: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PostMessage {
+    content: String,
+}
+
+async fn list(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    let conv = owned(&state, user.id, parse_id("id", &id)?).await?;
+    let max = state.settings.limits.max_page;
+    let limit = q.limit.unwrap_or(state.settings.limits.default_page);
+    if limit == 0 || limit > max {
+        return Err(ApiError::bad("limit", format!("must be between 1 and {max}")));
+    }
+    // one extra row tells whether there is more
+    let page = match (q.after, q.before) {
+        (Some(_), Some(_)) => return Err(ApiError::bad("after", "give either after or before, not both")),
+        (Some(after), None) => Page::After { after, limit: limit + 1 },
+        (None, before) => Page::Before { before: before.unwrap_or(i64::MAX), limit: limit + 1 },
+    };
+    let mut messages = state.store.list_messages(conv.id, page).await?;
+    let has_more = messages.len() > limit as usize;
+    if has_more {
+        match page {
+            Page::After { .. } => {
+                messages.pop();
+            }
+            Page::Before { .. } => {
+                messages.remove(0);
+            }
+        }
+    }
+    Ok((private(), Json(json!({ "messages": messages, "has_more": has_more }))))
+}
+
+async fn post_message(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<PostMessage>,
+) -> Result<impl IntoResponse, ApiError> {
+    let id = parse_id("id", &id)?;
+    let max = state.settings.limits.max_message_bytes;
+    if body.content.len() > max {
+        return Err(ApiError::TooLarge { field: Some("content".into()), message: format!("content is over {max} bytes") });
+    }
+    if body.content.trim().is_empty() {
+        return Err(ApiError::invalid("content", "must not be empty"));
+    }
+    let conv = owned(&state, user.id, id).await?;
+    let message = state
+        .store
+        .insert_message(conv.id, "user", &body.content, None)
+        .await?
+        .ok_or_else(|| ApiError::Internal("insert returned no row".into()))?;
+    invalidate(&state, user.id, conv.id, Some(Event::Message { message: message.clone() })).await;
+    // The message is durable now; a failure to queue the reply does not lose it.
+    let queued = match state.queues.enqueue_ai(AiJob { user_id: user.id, conversation_id: conv.id, message_id: message.id }).await {
+        Ok(()) => true,
+        Err(e) => {
+            metrics::counter!("jobs_enqueue_errors_total", "queue" => "ai").increment(1);
+            tracing::error!(error = %e, message_id = message.id, "could not queue the AI reply");
+            false
+        }
+    };
+    Ok((StatusCode::CREATED, private(), Json(json!({ "message": message, "reply_queued": queued }))))
+}

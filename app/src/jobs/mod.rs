@@ -1,0 +1,414 @@
+//! Background jobs on apalis 1.0: the `ai` queue (streamed AI replies, I/O bound, high
+//! concurrency) and the `heavy` queue (CPU-bound conversation exports, low concurrency).
+//!
+//! Queues are durable in the app's own database: apalis-sqlite in the same SQLite file
+//! (woken at once by SQLite update hooks for jobs this instance enqueues, polled every
+//! `jobs.poll_interval` for other instances' jobs) or apalis-postgres (LISTEN/NOTIFY).
+//! Workers have per-queue concurrency, a timeout per attempt, retries with exponential
+//! backoff, and orphaned jobs of a dead worker are re-enqueued by apalis (heartbeats).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use apalis::layers::retry::backoff::{ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff};
+use apalis::layers::retry::HasherRng;
+use apalis::prelude::*;
+use apalis_postgres::PostgresStorage;
+use apalis_sqlite::SqliteStorage;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Envelope, Event, EventBus};
+use crate::cache::{conversation_key, conversations_key, QueryCache};
+use crate::config::{DatabaseSettings, JobSettings, LlmSettings};
+use crate::llm::{ChatMessage, ChatModel, ChatRequest};
+use crate::store::{Page, Store, StoreError};
+
+/// Produce the assistant reply to one user message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AiJob {
+    pub user_id: i64,
+    pub conversation_id: i64,
+    pub message_id: i64,
+}
+
+/// Export (and summarize) a whole conversation: CPU work on the `heavy` queue.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExportJob {
+    pub user_id: i64,
+    pub conversation_id: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("job queue database error: {0}")]
+    Sqlite(#[from] apalis_sqlite::Error),
+    #[error("job queue database error: {0}")]
+    Postgres(#[from] apalis_postgres::Error),
+    #[error("could not open the job queue: {0}")]
+    Open(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("export failed: {0}")]
+    Export(String),
+}
+
+/// Everything a job handler needs.
+pub struct JobContext {
+    pub store: Arc<dyn Store>,
+    pub bus: Arc<dyn EventBus>,
+    pub cache: Arc<QueryCache>,
+    pub model: Arc<dyn ChatModel>,
+    pub llm: LlmSettings,
+}
+
+/// The enqueue side of both queues.
+#[derive(Clone)]
+pub enum Queues {
+    Sqlite {
+        ai: SqliteStorage<AiJob>,
+        heavy: SqliteStorage<ExportJob>,
+    },
+    Postgres {
+        ai: PostgresStorage<AiJob>,
+        heavy: PostgresStorage<ExportJob>,
+    },
+}
+
+/// Queue depth (pending jobs) of both queues.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Depth {
+    pub ai: u64,
+    pub heavy: u64,
+}
+
+fn pending(stats: &[Statistic]) -> u64 {
+    stats
+        .iter()
+        .find(|s| s.title == "PENDING_JOBS")
+        .and_then(|s| s.value.parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
+
+impl Queues {
+    pub async fn enqueue_ai(&self, job: AiJob) -> Result<(), JobError> {
+        match self {
+            Queues::Sqlite { ai, .. } => ai.clone().push(job).await.map_err(|e| JobError::Open(e.to_string())),
+            Queues::Postgres { ai, .. } => ai.clone().push(job).await.map_err(|e| JobError::Open(e.to_string())),
+        }
+    }
+
+    pub async fn enqueue_export(&self, job: ExportJob) -> Result<(), JobError> {
+        match self {
+            Queues::Sqlite { heavy, .. } => heavy.clone().push(job).await.map_err(|e| JobError::Open(e.to_string())),
+            Queues::Postgres { heavy, .. } => heavy.clone().push(job).await.map_err(|e| JobError::Open(e.to_string())),
+        }
+    }
+
+    pub async fn depth(&self) -> Result<Depth, JobError> {
+        Ok(match self {
+            Queues::Sqlite { ai, heavy } => Depth {
+                ai: pending(&ai.fetch_by_queue().await?),
+                heavy: pending(&heavy.fetch_by_queue().await?),
+            },
+            Queues::Postgres { ai, heavy } => Depth {
+                ai: pending(&ai.fetch_by_queue().await?),
+                heavy: pending(&heavy.fetch_by_queue().await?),
+            },
+        })
+    }
+}
+
+/// Running workers; [`Workers::wait`] returns when all have drained.
+pub struct Workers {
+    handles: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Workers {
+    pub async fn wait(self) {
+        for h in self.handles {
+            let _ = h.await;
+        }
+    }
+}
+
+fn retry_policy(retries: usize) -> BackoffRetryPolicy<ExponentialBackoff<HasherRng>> {
+    let backoff = ExponentialBackoffMaker::new(
+        Duration::from_millis(200),
+        Duration::from_secs(10),
+        0.5,
+        HasherRng::default(),
+    )
+    .map(|mut m| m.make_backoff());
+    RetryPolicy::retries(retries).with_backoff(backoff.expect("constant backoff bounds are valid"))
+}
+
+macro_rules! spawn_worker {
+    ($name:expr, $backend:expr, $handler:expr, $concurrency:expr, $timeout:expr, $retries:expr, $ctx:expr, $stop:expr) => {{
+        let worker = WorkerBuilder::new($name)
+            .backend($backend)
+            .retry(retry_policy($retries))
+            .timeout($timeout)
+            .concurrency($concurrency)
+            .data($ctx)
+            .build($handler);
+        let stop: CancellationToken = $stop;
+        tokio::spawn(async move {
+            let signal = async move {
+                stop.cancelled().await;
+                Ok::<(), std::io::Error>(())
+            };
+            if let Err(e) = worker.run_until(signal).await {
+                tracing::error!(error = %e, "job worker stopped with an error");
+            }
+        })
+    }};
+}
+
+/// Opens the queues in the app database, and starts this instance's workers
+/// (they stop taking jobs when `stop` is cancelled and finish the running ones).
+pub async fn start(
+    db: &DatabaseSettings,
+    settings: &JobSettings,
+    ctx: Arc<JobContext>,
+    instance: &str,
+    stop: CancellationToken,
+) -> Result<(Queues, Workers), JobError> {
+    let ai_queue = format!("{}ai", settings.queue_prefix);
+    let heavy_queue = format!("{}heavy", settings.queue_prefix);
+    let mut handles = Vec::new();
+    let queues = if db.url.starts_with("sqlite:") {
+        // One pool per queue: its update hook wakes that queue's worker on every insert
+        // made through it; the interval covers inserts by other instances.
+        let (ai_pool, ai_hook) = sqlite_pool(db).await?;
+        let (heavy_pool, heavy_hook) = sqlite_pool(db).await?;
+        let ai_cfg = apalis_sqlite::Config::default().queue(&ai_queue).batch_size(32);
+        let heavy_cfg = apalis_sqlite::Config::default().queue(&heavy_queue).batch_size(settings.heavy_concurrency);
+        let ai = SqliteStorage::<AiJob>::new(&ai_pool).with_config(ai_cfg);
+        let heavy = SqliteStorage::<ExportJob>::new(&heavy_pool).with_config(heavy_cfg);
+        let ai_strategy = Strategy::new().stream(ai_hook.ready_chunks(32)).interval(settings.poll_interval);
+        let heavy_strategy = Strategy::new().stream(heavy_hook.ready_chunks(8)).interval(settings.poll_interval);
+        handles.push(spawn_worker!(
+            format!("ai-{instance}"),
+            ai.clone().poll_with_strategy(ai_strategy),
+            run_ai,
+            settings.ai_concurrency,
+            settings.ai_timeout,
+            settings.retries,
+            ctx.clone(),
+            stop.clone()
+        ));
+        handles.push(spawn_worker!(
+            format!("heavy-{instance}"),
+            heavy.clone().poll_with_strategy(heavy_strategy),
+            run_export,
+            settings.heavy_concurrency,
+            settings.heavy_timeout,
+            settings.retries,
+            ctx.clone(),
+            stop.clone()
+        ));
+        Queues::Sqlite { ai, heavy }
+    } else {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(db.acquire_timeout)
+            .connect(&db.url)
+            .await
+            .map_err(|e| JobError::Open(e.to_string()))?;
+        let mut migrator = PostgresStorage::<()>::migrations();
+        migrator.set_ignore_missing(true);
+        migrator.run(&pool).await.map_err(|e| JobError::Open(format!("apalis migrations: {e}")))?;
+        let ai_cfg = apalis_postgres::Config::default().queue(&ai_queue).batch_size(32);
+        let heavy_cfg = apalis_postgres::Config::default().queue(&heavy_queue).batch_size(settings.heavy_concurrency);
+        let ai = PostgresStorage::<AiJob>::new(&pool).with_config(ai_cfg);
+        let heavy = PostgresStorage::<ExportJob>::new(&pool).with_config(heavy_cfg);
+        handles.push(spawn_worker!(
+            format!("ai-{instance}"),
+            ai.clone().with_pubsub(),
+            run_ai,
+            settings.ai_concurrency,
+            settings.ai_timeout,
+            settings.retries,
+            ctx.clone(),
+            stop.clone()
+        ));
+        handles.push(spawn_worker!(
+            format!("heavy-{instance}"),
+            heavy.clone().with_pubsub(),
+            run_export,
+            settings.heavy_concurrency,
+            settings.heavy_timeout,
+            settings.retries,
+            ctx.clone(),
+            stop.clone()
+        ));
+        Queues::Postgres { ai, heavy }
+    };
+    Ok((queues, Workers { handles }))
+}
+
+async fn sqlite_pool(db: &DatabaseSettings) -> Result<(sqlx::SqlitePool, apalis_sqlite::callback::HookCallbackListener), JobError> {
+    let (pool, hook) = SqliteStorage::connect_with_callback(&db.url)?;
+    // Same file as the app; pragmas as the app pool (WAL is a property of the file).
+    let mut migrator = SqliteStorage::<()>::migrations();
+    migrator.set_ignore_missing(true);
+    sqlx::query("PRAGMA busy_timeout = 5000").execute(&pool).await.map_err(apalis_sqlite::Error::from)?;
+    let _guard = crate::store::sqlite::migrate_lock().lock().await;
+    if let Err(first) = migrator.run(&pool).await {
+        tracing::warn!(error = %first, "apalis migration failed, retrying once");
+        migrator.run(&pool).await.map_err(|e| JobError::Open(format!("apalis migrations: {e}")))?;
+    }
+    Ok((pool, hook))
+}
+
+/// Maps a handler failure to an apalis error (so the retry layer sees it).
+type HandlerResult = Result<(), BoxDynError>;
+
+async fn run_ai(job: AiJob, ctx: Data<Arc<JobContext>>) -> HandlerResult {
+    let started = Instant::now();
+    let res = ai_reply(&ctx, &job).await;
+    let outcome = if res.is_ok() { "ok" } else { "error" };
+    metrics::histogram!("job_duration_seconds", "queue" => "ai", "outcome" => outcome).record(started.elapsed().as_secs_f64());
+    metrics::counter!("jobs_total", "queue" => "ai", "outcome" => outcome).increment(1);
+    res.map_err(|e| {
+        tracing::warn!(error = %e, message_id = job.message_id, "ai job attempt failed");
+        Box::new(e) as BoxDynError
+    })
+}
+
+async fn publish(ctx: &JobContext, user_id: i64, event: Event) {
+    if let Err(e) = ctx.bus.publish(&Envelope { user_id, event }).await {
+        tracing::warn!(error = %e, "event not published");
+    }
+}
+
+/// Streams the reply to the bus token by token and persists it when complete.
+async fn ai_reply(ctx: &JobContext, job: &AiJob) -> Result<(), JobError> {
+    if ctx.store.reply_to(job.message_id).await?.is_some() {
+        return Ok(()); // a previous attempt finished
+    }
+    let history_len = ctx.llm.history_messages.max(1);
+    let history = ctx
+        .store
+        .list_messages(job.conversation_id, Page::Before { before: job.message_id + 1, limit: history_len })
+        .await?;
+    if !history.iter().any(|m| m.id == job.message_id) {
+        return Ok(()); // the conversation or message was deleted
+    }
+    let request = ChatRequest {
+        messages: history.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect(),
+    };
+    let (provider, model) = ctx.model.name();
+    let started = Instant::now();
+    let fail = |error: String| Event::ReplyFailed { conversation_id: job.conversation_id, reply_to: job.message_id, error };
+    let mut stream = match ctx.model.stream(request).await {
+        Ok(s) => s,
+        Err(e) => {
+            // the provider already retried before the first token; give up on this reply
+            metrics::counter!("llm_errors_total", "provider" => provider).increment(1);
+            publish(ctx, job.user_id, fail(e.to_string())).await;
+            return Ok(());
+        }
+    };
+    let mut text = String::new();
+    let mut seq = 0u32;
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(delta) => {
+                if seq == 0 {
+                    metrics::histogram!("llm_time_to_first_token_seconds", "provider" => provider, "model" => model.clone())
+                        .record(started.elapsed().as_secs_f64());
+                }
+                text.push_str(&delta);
+                publish(ctx, job.user_id, Event::Token { conversation_id: job.conversation_id, reply_to: job.message_id, seq, delta }).await;
+                seq += 1;
+            }
+            Err(e) => {
+                metrics::counter!("llm_errors_total", "provider" => provider).increment(1);
+                publish(ctx, job.user_id, fail(e.to_string())).await;
+                if text.is_empty() {
+                    return Ok(());
+                }
+                text.push_str(" [reply interrupted]");
+                break;
+            }
+        }
+    }
+    metrics::histogram!("llm_request_duration_seconds", "provider" => provider, "model" => model).record(started.elapsed().as_secs_f64());
+    metrics::counter!("llm_tokens_total", "provider" => provider).increment(u64::from(seq));
+    match ctx.store.insert_message(job.conversation_id, "assistant", &text, Some(job.message_id)).await {
+        Ok(Some(message)) => {
+            ctx.cache.invalidate(&[conversations_key(job.user_id), conversation_key(job.conversation_id)]).await;
+            publish(ctx, job.user_id, Event::Message { message }).await;
+            Ok(())
+        }
+        Ok(None) => Ok(()), // another attempt stored it
+        Err(StoreError::Database { source: sqlx::Error::Database(d), .. }) if d.is_foreign_key_violation() => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn run_export(job: ExportJob, ctx: Data<Arc<JobContext>>) -> HandlerResult {
+    let started = Instant::now();
+    let res = export(&ctx, &job).await;
+    let outcome = if res.is_ok() { "ok" } else { "error" };
+    metrics::histogram!("job_duration_seconds", "queue" => "heavy", "outcome" => outcome).record(started.elapsed().as_secs_f64());
+    metrics::counter!("jobs_total", "queue" => "heavy", "outcome" => outcome).increment(1);
+    res.map_err(|e| Box::new(e) as BoxDynError)
+}
+
+async fn export(ctx: &JobContext, job: &ExportJob) -> Result<(), JobError> {
+    let mut messages = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = ctx.store.list_messages(job.conversation_id, Page::After { after, limit: 1000 }).await?;
+        let Some(last) = page.last() else { break };
+        after = last.id;
+        let done = page.len() < 1000;
+        messages.extend(page);
+        if done {
+            break;
+        }
+    }
+    // CPU-bound: off the async workers.
+    let body = tokio::task::spawn_blocking(move || summarize(&messages))
+        .await
+        .map_err(|e| JobError::Export(e.to_string()))?;
+    let export = match ctx.store.save_export(job.conversation_id, &body).await {
+        Ok(e) => e,
+        Err(StoreError::Database { source: sqlx::Error::Database(d), .. }) if d.is_foreign_key_violation() => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    publish(ctx, job.user_id, Event::ExportReady { conversation_id: job.conversation_id, export_id: export.id }).await;
+    Ok(())
+}
+
+/// A Markdown transcript plus statistics (word counts, most frequent words, a digest).
+pub fn summarize(messages: &[crate::store::Message]) -> String {
+    use sha2::{Digest, Sha256};
+    use std::collections::HashMap;
+    let mut transcript = String::new();
+    let mut freq: HashMap<String, u64> = HashMap::new();
+    let mut words = 0u64;
+    for m in messages {
+        transcript.push_str(&format!("**{}**: {}\n\n", m.role, m.content));
+        for w in m.content.split(|c: char| !c.is_alphanumeric()).filter(|w| w.len() > 3) {
+            words += 1;
+            *freq.entry(w.to_lowercase()).or_default() += 1;
+        }
+    }
+    let mut top: Vec<(String, u64)> = freq.into_iter().collect();
+    top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    top.truncate(10);
+    let digest = hex::encode(Sha256::digest(transcript.as_bytes()));
+    serde_json::json!({
+        "messages": messages.len(),
+        "words": words,
+        "top_words": top,
+        "sha256": digest,
+        "transcript_markdown": transcript,
+    })
+    .to_string()
+}

@@ -1,0 +1,161 @@
+//! wingman-app: the chat app server of Wingman Edge (REST + WebSocket, SQLite or
+//! PostgreSQL, query cache, AI job queues). A library with a thin binary, so other code
+//! (the local stack, tests) can run instances in-process with [`serve`] / [`serve_with`].
+
+pub mod bus;
+pub mod cache;
+pub mod config;
+pub mod http;
+pub mod jobs;
+pub mod llm;
+pub mod store;
+pub mod telemetry;
+pub mod ws;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use bus::{EventBus, InProcessBus};
+pub use config::Settings;
+
+/// Why an instance could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("storage: {0}")]
+    Store(#[from] store::StoreError),
+    #[error("redis at {url}: {source}")]
+    Redis {
+        url: String,
+        #[source]
+        source: redis::RedisError,
+    },
+    #[error("event bus: {0}")]
+    Bus(#[from] bus::BusError),
+    #[error("job queues: {0}")]
+    Jobs(#[from] jobs::JobError),
+    #[error("llm provider: {0}")]
+    Llm(#[from] llm::LlmError),
+    #[error("http server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Options for embedding several instances in one process.
+#[derive(Default, Clone)]
+pub struct Options {
+    /// Share one bus between instances of this process, so WebSocket events and cache
+    /// invalidations reach sockets on every instance. Ignored when Redis is configured
+    /// (Redis pub/sub is used). Without Redis and without this, each instance has its own.
+    pub bus: Option<Arc<dyn EventBus>>,
+    /// A name for logs, metrics and job worker names (default: random).
+    pub instance: Option<String>,
+}
+
+/// Runs one instance on `listener` until `shutdown` completes, then drains in-flight
+/// requests, WebSockets and running jobs (bounded by `server.shutdown_grace`).
+pub async fn serve(settings: Settings, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), AppError> {
+    serve_with(settings, listener, shutdown, Options::default()).await
+}
+
+/// [`serve`] with [`Options`].
+pub async fn serve_with(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    options: Options,
+) -> Result<(), AppError> {
+    settings.validate()?;
+    let instance = options.instance.clone().unwrap_or_else(|| hex::encode(rand::random::<[u8; 4]>()));
+    let metrics = telemetry::metrics_handle();
+    let store = store::open(&settings.database).await?;
+
+    let redis = if settings.redis.enabled() {
+        let url = settings.redis.url.clone();
+        let rerr = |source| AppError::Redis { url: url.clone(), source };
+        let client = redis::Client::open(url.as_str()).map_err(rerr)?;
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)));
+        let conn = client.get_connection_manager_with_config(cfg).await.map_err(rerr)?;
+        Some((client, conn))
+    } else {
+        None
+    };
+    let bus: Arc<dyn EventBus> = match (&redis, options.bus) {
+        (Some((client, conn)), _) => Arc::new(bus::RedisBus::connect(client.clone(), conn.clone(), &settings.redis.prefix).await?),
+        (None, Some(shared)) => shared,
+        (None, None) => Arc::new(InProcessBus::new()),
+    };
+    let cache = Arc::new(match &redis {
+        Some((_, conn)) => cache::QueryCache::redis(conn.clone(), &settings.redis.prefix, settings.cache.ttl),
+        None => cache::QueryCache::moka(settings.cache.max_entries, settings.cache.ttl),
+    });
+    let model = llm::from_settings(&settings.llm)?;
+    let stop = CancellationToken::new();
+    let job_ctx = Arc::new(jobs::JobContext {
+        store: store.clone(),
+        bus: bus.clone(),
+        cache: cache.clone(),
+        model,
+        llm: settings.llm.clone(),
+    });
+    let worker_stop = CancellationToken::new();
+    let (queues, workers) = jobs::start(&settings.database, &settings.jobs, job_ctx, &instance, worker_stop.clone()).await?;
+
+    let state = http::AppState(Arc::new(http::Inner {
+        auth_cache: moka::future::Cache::builder().max_capacity(100_000).time_to_live(settings.cache.auth_ttl).build(),
+        hub: Arc::new(ws::Hub::new(settings.ws.outbox_capacity)),
+        settings: settings.clone(),
+        instance: instance.clone(),
+        store: store.clone(),
+        cache,
+        bus: bus.clone(),
+        queues,
+        redis: redis.map(|(_, c)| c),
+        metrics,
+        shutdown: stop.clone(),
+        ws_tasks: TaskTracker::new(),
+    }));
+    let dispatcher = tokio::spawn(ws::run_dispatcher(state.clone(), bus.subscribe()));
+    let router = http::router(state.clone());
+    tracing::info!(
+        instance,
+        addr = ?listener.local_addr().ok(),
+        store = store.backend(),
+        bus = bus.kind(),
+        cache = state.cache.kind(),
+        "wingman-app listening"
+    );
+
+    let stop_signal = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        stop_signal.cancel();
+    });
+    let http_stop = stop.clone();
+    let served = axum::serve(listener, router).with_graceful_shutdown(async move { http_stop.cancelled().await }).await;
+
+    // Drain: HTTP is done; sockets were told to close; jobs finish what they hold.
+    let grace = settings.server.shutdown_grace;
+    stop.cancel();
+    state.ws_tasks.close();
+    worker_stop.cancel();
+    let drained = tokio::time::timeout(grace, async {
+        state.ws_tasks.wait().await;
+        workers.wait().await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(?grace, "shutdown grace elapsed with work still running");
+    }
+    dispatcher.abort();
+    store.close().await;
+    tracing::info!(instance, "wingman-app stopped");
+    served.map_err(AppError::Io)
+}

@@ -1,0 +1,527 @@
+//! Storage: the [`Store`] trait the HTTP layer and the jobs use, its models and errors,
+//! and the two implementations ([`sqlite::SqliteStore`], [`postgres::PgStore`]).
+//!
+//! Both implementations run the same SQL text (both dialects accept `$N` placeholders,
+//! `RETURNING`, partial indexes and `ON CONFLICT … DO NOTHING`); the shared method bodies
+//! live in the `impl_store!` macro, instantiated once per typed pool, so each backend keeps
+//! its native types and there is no `Any` driver in the hot path.
+//!
+//! Query shapes (each has an index, see `migrations/`):
+//! - the conversation list is ONE query: the message count and the last message id are
+//!   kept on the conversation row in the same transaction as every message insert, and the
+//!   preview comes from a join on `last_message_id`;
+//! - message pages are keyset-paginated on `(conversation_id, id)`;
+//! - imports insert all messages with one multi-row `INSERT`.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+pub mod postgres;
+pub mod sqlite;
+
+/// What went wrong in the database layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A unique constraint was hit (e.g. the username is taken).
+    #[error("already exists: {0}")]
+    Conflict(&'static str),
+    /// The database cannot be reached or the pool is exhausted.
+    #[error("database unavailable during {op}: {source}")]
+    Unavailable {
+        op: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    /// Any other database error.
+    #[error("database error during {op}: {source}")]
+    Database {
+        op: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("could not open the database: {0}")]
+    Open(String),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl StoreError {
+    /// Classifies a sqlx error raised during `op`.
+    pub fn from_sqlx(op: &'static str, err: sqlx::Error) -> Self {
+        match &err {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable { op, source: err },
+            sqlx::Error::Database(db) => {
+                let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+                // SQLITE_BUSY (5) / SQLITE_LOCKED (6); PG admin shutdown / cannot connect now
+                if matches!(code.as_str(), "5" | "6" | "57P01" | "57P03" | "53300") {
+                    StoreError::Unavailable { op, source: err }
+                } else {
+                    StoreError::Database { op, source: err }
+                }
+            }
+            _ => StoreError::Database { op, source: err },
+        }
+    }
+
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable { .. })
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct User {
+    pub id: i64,
+    pub username: String,
+    pub display_name: String,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Credentials {
+    pub id: i64,
+    pub username: String,
+    pub display_name: String,
+    pub created_at: i64,
+    pub password_hash: String,
+}
+
+impl Credentials {
+    pub fn user(&self) -> User {
+        User {
+            id: self.id,
+            username: self.username.clone(),
+            display_name: self.display_name.clone(),
+            created_at: self.created_at,
+        }
+    }
+}
+
+/// A conversation with its message count and a preview of its last message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, sqlx::FromRow)]
+pub struct Conversation {
+    pub id: i64,
+    pub user_id: i64,
+    pub title: String,
+    pub message_count: i64,
+    pub last_message_id: Option<i64>,
+    pub last_message_role: Option<String>,
+    pub last_message_preview: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, sqlx::FromRow)]
+pub struct Message {
+    pub id: i64,
+    pub conversation_id: i64,
+    pub role: String,
+    pub content: String,
+    pub reply_to: Option<i64>,
+    pub created_at: i64,
+}
+
+/// A message to insert in a batch.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Export {
+    pub id: i64,
+    pub conversation_id: i64,
+    pub body: String,
+    pub created_at: i64,
+}
+
+/// Which slice of a conversation's messages to read (keyset pagination on `id`).
+#[derive(Debug, Clone, Copy)]
+pub enum Page {
+    /// The oldest `limit` messages with `id > after`, ascending (catch-up, forward paging).
+    After { after: i64, limit: u32 },
+    /// The newest `limit` messages with `id < before`, returned ascending (scroll back).
+    Before { before: i64, limit: u32 },
+}
+
+/// Connection pool gauges.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PoolStats {
+    pub size: u32,
+    pub idle: u32,
+}
+
+/// Characters of the last message shown in the conversation list.
+pub const PREVIEW_CHARS: i64 = 120;
+
+/// Everything the app asks of its database.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `"sqlite"` or `"postgres"`.
+    fn backend(&self) -> &'static str;
+    fn pool_stats(&self) -> PoolStats;
+    /// A trivial round trip, for `/readyz`.
+    async fn ping(&self) -> StoreResult<()>;
+    /// Closes the pool (waits for checked-out connections).
+    async fn close(&self);
+
+    async fn create_user(&self, username: &str, password_hash: &str, display_name: &str) -> StoreResult<User>;
+    async fn credentials(&self, username: &str) -> StoreResult<Option<Credentials>>;
+    async fn update_display_name(&self, user_id: i64, display_name: &str) -> StoreResult<Option<User>>;
+    async fn create_session(&self, token_hash: &str, user_id: i64, expires_at: i64) -> StoreResult<()>;
+    /// The user owning an unexpired session.
+    async fn session_user(&self, token_hash: &str, now: i64) -> StoreResult<Option<User>>;
+
+    async fn create_conversation(&self, user_id: i64, title: &str) -> StoreResult<Conversation>;
+    /// Creates a conversation with its messages in one transaction (one multi-row insert).
+    async fn import_conversation(&self, user_id: i64, title: &str, messages: &[NewMessage]) -> StoreResult<Conversation>;
+    async fn rename_conversation(&self, user_id: i64, id: i64, title: &str) -> StoreResult<Option<Conversation>>;
+    /// False when there is no such conversation of this user.
+    async fn delete_conversation(&self, user_id: i64, id: i64) -> StoreResult<bool>;
+    /// The conversation if it exists and belongs to `user_id`.
+    async fn conversation(&self, user_id: i64, id: i64) -> StoreResult<Option<Conversation>>;
+    /// The user's conversations, most recently active first, in one query.
+    async fn list_conversations(&self, user_id: i64, limit: u32) -> StoreResult<Vec<Conversation>>;
+
+    /// A page of messages, ascending by id (ownership is checked by the caller).
+    async fn list_messages(&self, conversation_id: i64, page: Page) -> StoreResult<Vec<Message>>;
+    /// Inserts a message and bumps the conversation's count, last message and activity time.
+    /// With `reply_to`, returns `None` when that message already has a reply (idempotent retry).
+    async fn insert_message(&self, conversation_id: i64, role: &str, content: &str, reply_to: Option<i64>) -> StoreResult<Option<Message>>;
+    async fn message(&self, id: i64) -> StoreResult<Option<Message>>;
+    /// The reply to a user message, if one was persisted.
+    async fn reply_to(&self, user_message_id: i64) -> StoreResult<Option<Message>>;
+
+    async fn save_export(&self, conversation_id: i64, body: &str) -> StoreResult<Export>;
+    async fn latest_export(&self, conversation_id: i64) -> StoreResult<Option<Export>>;
+}
+
+/// Shared implementation over a typed pool; `$db` is `sqlx::Sqlite` or `sqlx::Postgres`.
+macro_rules! impl_store {
+    ($store:ty, $db:ty, $backend:literal) => {
+        #[async_trait]
+        impl Store for $store {
+        fn backend(&self) -> &'static str {
+            $backend
+        }
+        async fn create_user(&self, username: &str, password_hash: &str, display_name: &str) -> StoreResult<User> {
+            sqlx::query_as::<$db, User>(
+                "INSERT INTO users (username, password_hash, display_name, created_at) VALUES ($1, $2, $3, $4) \
+                 RETURNING id, username, display_name, created_at",
+            )
+            .bind(username)
+            .bind(password_hash)
+            .bind(display_name)
+            .bind(now_ms())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| match &e {
+                sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict("username"),
+                _ => StoreError::from_sqlx("create_user", e),
+            })
+        }
+
+        async fn credentials(&self, username: &str) -> StoreResult<Option<Credentials>> {
+            sqlx::query_as::<$db, Credentials>(
+                "SELECT id, username, display_name, created_at, password_hash FROM users WHERE username = $1",
+            )
+            .bind(username)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx("credentials", e))
+        }
+
+        async fn update_display_name(&self, user_id: i64, display_name: &str) -> StoreResult<Option<User>> {
+            sqlx::query_as::<$db, User>(
+                "UPDATE users SET display_name = $1 WHERE id = $2 RETURNING id, username, display_name, created_at",
+            )
+            .bind(display_name)
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx("update_display_name", e))
+        }
+
+        async fn create_session(&self, token_hash: &str, user_id: i64, expires_at: i64) -> StoreResult<()> {
+            sqlx::query::<$db>("INSERT INTO sessions (token_hash, user_id, created_at, expires_at) VALUES ($1, $2, $3, $4)")
+                .bind(token_hash)
+                .bind(user_id)
+                .bind(now_ms())
+                .bind(expires_at)
+                .execute(&self.pool)
+                .await
+                .map_err(|e| StoreError::from_sqlx("create_session", e))?;
+            Ok(())
+        }
+
+        async fn session_user(&self, token_hash: &str, now: i64) -> StoreResult<Option<User>> {
+            sqlx::query_as::<$db, User>(
+                "SELECT u.id, u.username, u.display_name, u.created_at FROM sessions s \
+                 JOIN users u ON u.id = s.user_id WHERE s.token_hash = $1 AND s.expires_at > $2",
+            )
+            .bind(token_hash)
+            .bind(now)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx("session_user", e))
+        }
+
+        async fn create_conversation(&self, user_id: i64, title: &str) -> StoreResult<Conversation> {
+            let now = now_ms();
+            sqlx::query_as::<$db, Conversation>(
+                "INSERT INTO conversations (user_id, title, created_at, updated_at) VALUES ($1, $2, $3, $3) \
+                 RETURNING id, user_id, title, message_count, last_message_id, \
+                 NULL AS last_message_role, NULL AS last_message_preview, created_at, updated_at",
+            )
+            .bind(user_id)
+            .bind(title)
+            .bind(now)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx("create_conversation", e))
+        }
+
+        async fn import_conversation(&self, user_id: i64, title: &str, messages: &[NewMessage]) -> StoreResult<Conversation> {
+            let op = "import_conversation";
+            let now = now_ms();
+            let mut tx = self.pool.begin().await.map_err(|e| StoreError::from_sqlx(op, e))?;
+            let (id,): (i64,) = sqlx::query_as::<$db, (i64,)>(
+                "INSERT INTO conversations (user_id, title, created_at, updated_at) VALUES ($1, $2, $3, $3) RETURNING id",
+            )
+            .bind(user_id)
+            .bind(title)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(op, e))?;
+            // One multi-row INSERT per chunk (SQLite allows 32766 bind parameters).
+            for chunk in messages.chunks(1000) {
+                let mut qb = sqlx::QueryBuilder::<$db>::new("INSERT INTO messages (conversation_id, role, content, created_at) ");
+                qb.push_values(chunk, |mut row, m| {
+                    row.push_bind(id).push_bind(m.role.as_str()).push_bind(m.content.as_str()).push_bind(now);
+                });
+                qb.build().execute(&mut *tx).await.map_err(|e| StoreError::from_sqlx(op, e))?;
+            }
+            sqlx::query::<$db>(
+                "UPDATE conversations SET message_count = (SELECT count(*) FROM messages WHERE conversation_id = $1), \
+                 last_message_id = (SELECT max(id) FROM messages WHERE conversation_id = $1) WHERE id = $1",
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(op, e))?;
+            tx.commit().await.map_err(|e| StoreError::from_sqlx(op, e))?;
+            self.conversation(user_id, id)
+                .await?
+                .ok_or(StoreError::Database { op, source: sqlx::Error::RowNotFound })
+        }
+
+        async fn rename_conversation(&self, user_id: i64, id: i64, title: &str) -> StoreResult<Option<Conversation>> {
+            let done = sqlx::query::<$db>("UPDATE conversations SET title = $1 WHERE id = $2 AND user_id = $3")
+                .bind(title)
+                .bind(id)
+                .bind(user_id)
+                .execute(&self.pool)
+                .await
+                .map_err(|e| StoreError::from_sqlx("rename_conversation", e))?;
+            if done.rows_affected() == 0 {
+                return Ok(None);
+            }
+            self.conversation(user_id, id).await
+        }
+
+        async fn delete_conversation(&self, user_id: i64, id: i64) -> StoreResult<bool> {
+            let done = sqlx::query::<$db>("DELETE FROM conversations WHERE id = $1 AND user_id = $2")
+                .bind(id)
+                .bind(user_id)
+                .execute(&self.pool)
+                .await
+                .map_err(|e| StoreError::from_sqlx("delete_conversation", e))?;
+            Ok(done.rows_affected() > 0)
+        }
+
+        async fn conversation(&self, user_id: i64, id: i64) -> StoreResult<Option<Conversation>> {
+            const SQL: &str = concat!(
+                "SELECT c.id, c.user_id, c.title, c.message_count, c.last_message_id, \
+                 m.role AS last_message_role, substr(m.content, 1, 120) AS last_message_preview, \
+                 c.created_at, c.updated_at \
+                 FROM conversations c LEFT JOIN messages m ON m.id = c.last_message_id",
+                " WHERE c.id = $1 AND c.user_id = $2"
+            );
+            sqlx::query_as::<$db, Conversation>(SQL)
+                .bind(id)
+                .bind(user_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| StoreError::from_sqlx("conversation", e))
+        }
+
+        async fn list_conversations(&self, user_id: i64, limit: u32) -> StoreResult<Vec<Conversation>> {
+            const SQL: &str = concat!(
+                "SELECT c.id, c.user_id, c.title, c.message_count, c.last_message_id, \
+                 m.role AS last_message_role, substr(m.content, 1, 120) AS last_message_preview, \
+                 c.created_at, c.updated_at \
+                 FROM conversations c LEFT JOIN messages m ON m.id = c.last_message_id",
+                " WHERE c.user_id = $1 ORDER BY c.updated_at DESC, c.id DESC LIMIT $2"
+            );
+            sqlx::query_as::<$db, Conversation>(SQL)
+                .bind(user_id)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| StoreError::from_sqlx("list_conversations", e))
+        }
+
+        async fn list_messages(&self, conversation_id: i64, page: Page) -> StoreResult<Vec<Message>> {
+            let res = match page {
+                Page::After { after, limit } => sqlx::query_as::<$db, Message>(
+                    "SELECT id, conversation_id, role, content, reply_to, created_at FROM messages \
+                     WHERE conversation_id = $1 AND id > $2 ORDER BY id ASC LIMIT $3",
+                )
+                .bind(conversation_id)
+                .bind(after)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await,
+                Page::Before { before, limit } => sqlx::query_as::<$db, Message>(
+                    "SELECT id, conversation_id, role, content, reply_to, created_at FROM messages \
+                     WHERE conversation_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3",
+                )
+                .bind(conversation_id)
+                .bind(before)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map(|mut v| {
+                    v.reverse();
+                    v
+                }),
+            };
+            res.map_err(|e| StoreError::from_sqlx("list_messages", e))
+        }
+
+        async fn insert_message(&self, conversation_id: i64, role: &str, content: &str, reply_to: Option<i64>) -> StoreResult<Option<Message>> {
+            let op = "insert_message";
+            let now = now_ms();
+            let mut tx = self.pool.begin().await.map_err(|e| StoreError::from_sqlx(op, e))?;
+            let inserted = sqlx::query_as::<$db, Message>(
+                "INSERT INTO messages (conversation_id, role, content, reply_to, created_at) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (reply_to) WHERE reply_to IS NOT NULL DO NOTHING \
+                 RETURNING id, conversation_id, role, content, reply_to, created_at",
+            )
+            .bind(conversation_id)
+            .bind(role)
+            .bind(content)
+            .bind(reply_to)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(op, e))?;
+            let Some(message) = inserted else {
+                return Ok(None);
+            };
+            sqlx::query::<$db>(
+                "UPDATE conversations SET message_count = message_count + 1, \
+                 last_message_id = CASE WHEN last_message_id IS NULL OR last_message_id < $1 THEN $1 ELSE last_message_id END, \
+                 updated_at = CASE WHEN updated_at < $2 THEN $2 ELSE updated_at END WHERE id = $3",
+            )
+            .bind(message.id)
+            .bind(now)
+            .bind(conversation_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(op, e))?;
+            tx.commit().await.map_err(|e| StoreError::from_sqlx(op, e))?;
+            Ok(Some(message))
+        }
+
+        async fn message(&self, id: i64) -> StoreResult<Option<Message>> {
+            sqlx::query_as::<$db, Message>(
+                "SELECT id, conversation_id, role, content, reply_to, created_at FROM messages WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx("message", e))
+        }
+
+        async fn reply_to(&self, user_message_id: i64) -> StoreResult<Option<Message>> {
+            sqlx::query_as::<$db, Message>(
+                "SELECT id, conversation_id, role, content, reply_to, created_at FROM messages WHERE reply_to = $1",
+            )
+            .bind(user_message_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx("reply_to", e))
+        }
+
+        async fn save_export(&self, conversation_id: i64, body: &str) -> StoreResult<Export> {
+            sqlx::query_as::<$db, Export>(
+                "INSERT INTO exports (conversation_id, body, created_at) VALUES ($1, $2, $3) \
+                 RETURNING id, conversation_id, body, created_at",
+            )
+            .bind(conversation_id)
+            .bind(body)
+            .bind(now_ms())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx("save_export", e))
+        }
+
+        async fn latest_export(&self, conversation_id: i64) -> StoreResult<Option<Export>> {
+            sqlx::query_as::<$db, Export>(
+                "SELECT id, conversation_id, body, created_at FROM exports WHERE conversation_id = $1 ORDER BY id DESC LIMIT 1",
+            )
+            .bind(conversation_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx("latest_export", e))
+        }
+
+        fn pool_stats(&self) -> PoolStats {
+            PoolStats {
+                size: self.pool.size(),
+                idle: self.pool.num_idle() as u32,
+            }
+        }
+
+        async fn ping(&self) -> StoreResult<()> {
+            sqlx::query::<$db>("SELECT 1")
+                .execute(&self.pool)
+                .await
+                .map_err(|e| StoreError::from_sqlx("ping", e))?;
+            Ok(())
+        }
+
+        async fn close(&self) {
+            self.pool.close().await;
+        }
+        }
+    };
+}
+pub(crate) use impl_store;
+
+/// Opens the store named by `settings.url` and runs its migrations.
+pub async fn open(settings: &crate::config::DatabaseSettings) -> StoreResult<std::sync::Arc<dyn Store>> {
+    if settings.url.starts_with("sqlite:") {
+        Ok(std::sync::Arc::new(sqlite::SqliteStore::open(settings).await?))
+    } else {
+        Ok(std::sync::Arc::new(postgres::PgStore::open(settings).await?))
+    }
+}

@@ -1,0 +1,66 @@
+//! [`SqliteStore`]: the embedded default. One WAL-mode file, created on first run;
+//! several instances (threads or processes) may share it: writers wait on `busy_timeout`.
+
+use std::str::FromStr;
+use std::sync::OnceLock;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::SqlitePool;
+
+use super::*;
+use crate::config::DatabaseSettings;
+
+/// SQLite implementation of [`Store`].
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+/// Connect options shared by the store pool and the job queue pool.
+pub fn connect_options(settings: &DatabaseSettings) -> StoreResult<SqliteConnectOptions> {
+    Ok(SqliteConnectOptions::from_str(&settings.url)
+        .map_err(|e| StoreError::Open(format!("database.url {}: {e}", settings.url)))?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(settings.busy_timeout)
+        .foreign_keys(true)
+        .pragma("temp_store", "memory"))
+}
+
+/// Serializes migrations of instances in one process that share a file.
+pub(crate) fn migrate_lock() -> &'static tokio::sync::Mutex<()> {
+    static LOCK: OnceLock<tokio::sync::Mutex<()>> = OnceLock::new();
+    LOCK.get_or_init(|| tokio::sync::Mutex::new(()))
+}
+
+impl SqliteStore {
+    pub async fn open(settings: &DatabaseSettings) -> StoreResult<Self> {
+        let pool = SqlitePoolOptions::new()
+            .max_connections(settings.max_connections)
+            .min_connections(settings.min_connections)
+            .acquire_timeout(settings.acquire_timeout)
+            .max_lifetime(settings.max_lifetime)
+            .idle_timeout(settings.idle_timeout)
+            .connect_with(connect_options(settings)?)
+            .await
+            .map_err(|e| StoreError::Open(format!("{}: {e}", settings.url)))?;
+        let _guard = migrate_lock().lock().await;
+        let mut migrator = sqlx::migrate!("migrations/sqlite");
+        // The job queue (apalis) records its own migrations in the same table.
+        migrator.set_ignore_missing(true);
+        // Another process may migrate at the same moment: a second attempt sees its work.
+        if let Err(first) = migrator.run(&pool).await {
+            tracing::warn!(error = %first, "sqlite migration failed, retrying once");
+            migrator.run(&pool).await?;
+        }
+        Ok(Self { pool })
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+impl_store!(SqliteStore, sqlx::Sqlite, "sqlite");

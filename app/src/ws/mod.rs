@@ -1,0 +1,248 @@
+//! WebSocket `/ws`: authenticated by `?token=` (browsers cannot set headers) or a bearer
+//! header. The [`Hub`] maps users to their local sockets and receives every bus event;
+//! each socket has a bounded outbox, and a socket whose outbox is full is dropped
+//! (close code 1013) instead of buffering without limit. Server pings every
+//! `ws.heartbeat_interval`; a client silent for `ws.idle_timeout` is closed. Clients catch
+//! up after a reconnect with `{"type":"resume","conversation_id":…,"after":<last id>}`
+//! (or `GET …/messages?after=`), answered from the database.
+//!
+//! Frames the server sends: the bus [`Event`](crate::bus::Event)s as JSON, plus
+//! `{"type":"ready","user_id":…}` on connect, `{"type":"pong"}` and `{"type":"error",…}`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Envelope, Event};
+use crate::http::error::ApiError;
+use crate::http::extract::authenticate;
+use crate::http::AppState;
+use crate::store::{Page, User};
+
+struct Slot {
+    id: u64,
+    tx: mpsc::Sender<Utf8Bytes>,
+    evict: CancellationToken,
+}
+
+/// This instance's sockets by user.
+pub struct Hub {
+    sockets: Mutex<HashMap<i64, Vec<Slot>>>,
+    next_id: AtomicU64,
+    count: AtomicUsize,
+    capacity: usize,
+}
+
+impl Hub {
+    pub fn new(capacity: usize) -> Self {
+        Self { sockets: Mutex::new(HashMap::new()), next_id: AtomicU64::new(1), count: AtomicUsize::new(0), capacity }
+    }
+
+    pub fn connections(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn register(&self, user_id: i64) -> (u64, mpsc::Receiver<Utf8Bytes>, CancellationToken) {
+        let (tx, rx) = mpsc::channel(self.capacity);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let evict = CancellationToken::new();
+        if let Ok(mut map) = self.sockets.lock() {
+            map.entry(user_id).or_default().push(Slot { id, tx, evict: evict.clone() });
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!("ws_connections").increment(1.0);
+        (id, rx, evict)
+    }
+
+    fn unregister(&self, user_id: i64, id: u64) {
+        if let Ok(mut map) = self.sockets.lock() {
+            if let Some(slots) = map.get_mut(&user_id) {
+                slots.retain(|s| s.id != id);
+                if slots.is_empty() {
+                    map.remove(&user_id);
+                }
+            }
+        }
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!("ws_connections").decrement(1.0);
+    }
+
+    /// Queues an event on every local socket of its user; full outboxes are evicted.
+    pub fn dispatch(&self, env: &Envelope) {
+        let Ok(map) = self.sockets.lock() else { return };
+        let Some(slots) = map.get(&env.user_id) else { return };
+        let Ok(text) = serde_json::to_string(&env.event) else { return };
+        let text = Utf8Bytes::from(text);
+        for slot in slots {
+            match slot.tx.try_send(text.clone()) {
+                Ok(()) => metrics::counter!("ws_messages_total", "direction" => "out").increment(1),
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    metrics::counter!("ws_send_dropped_total").increment(1);
+                    slot.evict.cancel();
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+    }
+}
+
+/// Forwards bus events to the hub (and to the cache for invalidation) until `stop`.
+pub async fn run_dispatcher(state: AppState, mut rx: tokio::sync::broadcast::Receiver<Arc<Envelope>>) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let next = tokio::select! {
+            _ = state.shutdown.cancelled() => break,
+            n = rx.recv() => n,
+        };
+        match next {
+            Ok(env) => {
+                state.cache.on_event(&env).await;
+                state.hub.dispatch(&env);
+            }
+            Err(RecvError::Lagged(n)) => {
+                metrics::counter!("bus_events_lagged_total").increment(n);
+                tracing::warn!(skipped = n, "event dispatcher lagged; clients will catch up from the database");
+            }
+            Err(RecvError::Closed) => break,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub struct WsQuery {
+    token: Option<String>,
+}
+
+pub async fn upgrade(
+    State(state): State<AppState>,
+    Query(q): Query<WsQuery>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let token = q.token.or_else(|| {
+        headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_string)
+    });
+    let user = authenticate(&state, token.as_deref().unwrap_or("")).await?;
+    if state.shutdown.is_cancelled() {
+        return Err(ApiError::Unavailable("shutting down".into()));
+    }
+    let max = state.settings.ws.max_message_bytes;
+    let tracker = state.ws_tasks.clone();
+    Ok(ws
+        .max_message_size(max)
+        .max_frame_size(max)
+        .max_write_buffer_size(4 * 1024 * 1024)
+        .on_upgrade(move |socket| {
+            tracker.track_future(handle(state, user, socket))
+        })
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ClientFrame {
+    Ping,
+    Resume { conversation_id: i64, after: i64 },
+}
+
+fn close(code: u16, reason: &'static str) -> WsMessage {
+    WsMessage::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }))
+}
+
+async fn handle(state: AppState, user: User, socket: WebSocket) {
+    let (id, mut outbox, evict) = state.hub.register(user.id);
+    let (mut sink, mut stream) = socket.split();
+    let ws = &state.settings.ws;
+    let mut heartbeat = tokio::time::interval(ws.heartbeat_interval);
+    heartbeat.tick().await;
+    let mut last_seen = Instant::now();
+    let hello = json!({ "type": "ready", "user_id": user.id }).to_string();
+    let mut ok = sink.send(WsMessage::Text(hello.into())).await.is_ok();
+    while ok {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => {
+                let _ = sink.send(close(1001, "server shutting down")).await;
+                break;
+            }
+            _ = evict.cancelled() => {
+                let _ = sink.send(close(1013, "slow consumer: reconnect and resume")).await;
+                break;
+            }
+            out = outbox.recv() => match out {
+                Some(text) => ok = sink.send(WsMessage::Text(text)).await.is_ok(),
+                None => break,
+            },
+            _ = heartbeat.tick() => {
+                if last_seen.elapsed() > ws.idle_timeout {
+                    let _ = sink.send(close(1000, "idle timeout")).await;
+                    break;
+                }
+                ok = sink.send(WsMessage::Ping(Default::default())).await.is_ok();
+            }
+            incoming = stream.next() => {
+                last_seen = Instant::now();
+                match incoming {
+                    None | Some(Err(_)) | Some(Ok(WsMessage::Close(_))) => break,
+                    Some(Ok(WsMessage::Text(text))) => {
+                        metrics::counter!("ws_messages_total", "direction" => "in").increment(1);
+                        for reply in client_frame(&state, &user, text.as_str()).await {
+                            if sink.send(WsMessage::Text(reply.into())).await.is_err() {
+                                ok = false;
+                                break;
+                            }
+                        }
+                    }
+                    Some(Ok(_)) => {} // pings are answered by axum; pongs and binary ignored
+                }
+            }
+        }
+    }
+    state.hub.unregister(user.id, id);
+}
+
+/// Answers one client frame.
+async fn client_frame(state: &AppState, user: &User, text: &str) -> Vec<String> {
+    let err = |m: String| vec![json!({ "type": "error", "message": m }).to_string()];
+    let frame: ClientFrame = match serde_json::from_str(text) {
+        Ok(f) => f,
+        Err(e) => return err(format!("bad frame: {e}")),
+    };
+    match frame {
+        ClientFrame::Ping => vec![json!({ "type": "pong" }).to_string()],
+        ClientFrame::Resume { conversation_id, after } => {
+            match crate::http::conversations::owned(state, user.id, conversation_id).await {
+                Err(ApiError::NotFound) => return err("conversation not found".into()),
+                Err(e) => return err(e.to_string()),
+                Ok(_) => {}
+            }
+            let limit = state.settings.limits.max_page;
+            match state.store.list_messages(conversation_id, Page::After { after, limit }).await {
+                Ok(messages) => {
+                    let more = messages.len() == limit as usize;
+                    let mut out: Vec<String> = messages
+                        .into_iter()
+                        .filter_map(|m| serde_json::to_string(&Event::Message { message: m }).ok())
+                        .collect();
+                    out.push(json!({ "type": "resumed", "conversation_id": conversation_id, "has_more": more }).to_string());
+                    out
+                }
+                Err(e) => err(e.to_string()),
+            }
+        }
+    }
+}
