@@ -59,7 +59,11 @@ pub struct Options {
 
 /// Runs one instance on `listener` until `shutdown` completes, then drains in-flight
 /// requests, WebSockets and running jobs (bounded by `server.shutdown_grace`).
-pub async fn serve(settings: Settings, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), AppError> {
+pub async fn serve(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AppError> {
     serve_with(settings, listener, shutdown, Options::default()).await
 }
 
@@ -71,13 +75,19 @@ pub async fn serve_with(
     options: Options,
 ) -> Result<(), AppError> {
     settings.validate()?;
-    let instance = options.instance.clone().unwrap_or_else(|| hex::encode(rand::random::<[u8; 4]>()));
+    let instance = options
+        .instance
+        .clone()
+        .unwrap_or_else(|| hex::encode(rand::random::<[u8; 4]>()));
     let metrics = telemetry::metrics_handle();
     let store = store::open(&settings.database).await?;
 
     let redis = if settings.redis.enabled() {
         let url = settings.redis.url.clone();
-        let rerr = |source| AppError::Redis { url: url.clone(), source };
+        let rerr = |source| AppError::Redis {
+            url: url.clone(),
+            source,
+        };
         let client = redis::Client::open(url.as_str()).map_err(rerr)?;
         let cfg = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
@@ -88,7 +98,9 @@ pub async fn serve_with(
         None
     };
     let bus: Arc<dyn EventBus> = match (&redis, options.bus) {
-        (Some((client, conn)), _) => Arc::new(bus::RedisBus::connect(client.clone(), conn.clone(), &settings.redis.prefix).await?),
+        (Some((client, conn)), _) => {
+            Arc::new(bus::RedisBus::connect(client.clone(), conn.clone(), &settings.redis.prefix).await?)
+        }
         (None, Some(shared)) => shared,
         (None, None) => Arc::new(InProcessBus::new()),
     };
@@ -106,10 +118,20 @@ pub async fn serve_with(
         llm: settings.llm.clone(),
     });
     let worker_stop = CancellationToken::new();
-    let (queues, workers) = jobs::start(&settings.database, &settings.jobs, job_ctx, &instance, worker_stop.clone()).await?;
+    let (queues, workers) = jobs::start(
+        &settings.database,
+        &settings.jobs,
+        job_ctx,
+        &instance,
+        worker_stop.clone(),
+    )
+    .await?;
 
     let state = http::AppState(Arc::new(http::Inner {
-        auth_cache: moka::future::Cache::builder().max_capacity(100_000).time_to_live(settings.cache.auth_ttl).build(),
+        auth_cache: moka::future::Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(settings.cache.auth_ttl)
+            .build(),
         hub: Arc::new(ws::Hub::new(settings.ws.outbox_capacity)),
         settings: settings.clone(),
         instance: instance.clone(),
@@ -139,7 +161,9 @@ pub async fn serve_with(
         stop_signal.cancel();
     });
     let http_stop = stop.clone();
-    let served = axum::serve(listener, router).with_graceful_shutdown(async move { http_stop.cancelled().await }).await;
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(async move { http_stop.cancelled().await })
+        .await;
 
     // Drain: HTTP is done; sockets were told to close; jobs finish what they hold.
     let grace = settings.server.shutdown_grace;

@@ -50,7 +50,11 @@ async fn main() -> ExitCode {
         }
     };
     if cli.check {
-        println!("configuration ok: database {}, redis {}", settings.database.url, if settings.redis.enabled() { "on" } else { "off" });
+        println!(
+            "configuration ok: database {}, redis {}",
+            settings.database.url,
+            if settings.redis.enabled() { "on" } else { "off" }
+        );
         return ExitCode::SUCCESS;
     }
     let listener = match tokio::net::TcpListener::bind(settings.server.listen).await {

@@ -39,7 +39,10 @@ pub fn init_logging() {
     use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::registry().with(filter).with(tracing_subscriber::fmt::layer()).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer())
+        .try_init();
 }
 
 /// Counts `sqlx::query` events (one per executed statement) that touch the app's own
@@ -81,7 +84,11 @@ impl<S: tracing::Subscriber> Layer<S> for QueryCounter {
         event.record(&mut sql);
         let text = sql.0.to_ascii_lowercase();
         // apalis tables (`Jobs`, `Workers`, `apalis.*`) and migration bookkeeping
-        if text.contains("jobs") || text.contains("workers") || text.contains("apalis") || text.contains("_sqlx_migrations") {
+        if text.contains("jobs")
+            || text.contains("workers")
+            || text.contains("apalis")
+            || text.contains("_sqlx_migrations")
+        {
             return;
         }
         self.count.fetch_add(1, Ordering::SeqCst);

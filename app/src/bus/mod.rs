@@ -115,13 +115,22 @@ pub struct RedisBus {
 
 impl RedisBus {
     /// Connects and starts the subscriber task (which reconnects on its own).
-    pub async fn connect(client: redis::Client, conn: redis::aio::ConnectionManager, prefix: &str) -> Result<Self, BusError> {
+    pub async fn connect(
+        client: redis::Client,
+        conn: redis::aio::ConnectionManager,
+        prefix: &str,
+    ) -> Result<Self, BusError> {
         let channel = format!("{prefix}wingman:events");
         let (local, _) = broadcast::channel(LOCAL_CAPACITY);
         // Subscribe before returning so no event published after `connect` is missed.
         let first = subscribe(&client, &channel).await?;
         let task = tokio::spawn(run_subscriber(client, channel.clone(), local.clone(), first));
-        Ok(Self { conn, channel, local, task })
+        Ok(Self {
+            conn,
+            channel,
+            local,
+            task,
+        })
     }
 }
 
@@ -189,7 +198,11 @@ impl EventBus for RedisBus {
     async fn publish(&self, envelope: &Envelope) -> Result<(), BusError> {
         let payload = serde_json::to_vec(envelope)?;
         let mut conn = self.conn.clone();
-        let res: Result<i64, _> = redis::cmd("PUBLISH").arg(&self.channel).arg(payload).query_async(&mut conn).await;
+        let res: Result<i64, _> = redis::cmd("PUBLISH")
+            .arg(&self.channel)
+            .arg(payload)
+            .query_async(&mut conn)
+            .await;
         match res {
             Ok(_) => {
                 metrics::counter!("pubsub_messages_total", "direction" => "out").increment(1);

@@ -50,7 +50,10 @@ pub fn conversation_key(id: i64) -> String {
 impl QueryCache {
     pub fn moka(max_entries: u64, ttl: Duration) -> Self {
         Self::with(Backend::Moka(
-            moka::future::Cache::builder().max_capacity(max_entries).time_to_live(ttl).build(),
+            moka::future::Cache::builder()
+                .max_capacity(max_entries)
+                .time_to_live(ttl)
+                .build(),
         ))
     }
 
@@ -85,7 +88,11 @@ impl QueryCache {
     }
 
     fn count(&self, hit: bool) {
-        let (counter, result) = if hit { (&self.hits, "hit") } else { (&self.misses, "miss") };
+        let (counter, result) = if hit {
+            (&self.hits, "hit")
+        } else {
+            (&self.misses, "miss")
+        };
         counter.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("cache_requests_total", "cache" => self.kind(), "result" => result).increment(1);
     }
@@ -96,7 +103,11 @@ impl QueryCache {
             Backend::Moka(c) => c.get(key).await.map(|b| b.to_vec()),
             Backend::Redis { conn, prefix, .. } => {
                 let mut conn = conn.clone();
-                match redis::cmd("GET").arg(format!("{prefix}{key}")).query_async::<Option<Vec<u8>>>(&mut conn).await {
+                match redis::cmd("GET")
+                    .arg(format!("{prefix}{key}"))
+                    .query_async::<Option<Vec<u8>>>(&mut conn)
+                    .await
+                {
                     Ok(v) => v,
                     Err(e) => {
                         metrics::counter!("redis_errors_total", "op" => "cache_get").increment(1);
@@ -163,7 +174,8 @@ impl QueryCache {
             _ => None,
         };
         if let Some(conv) = conv {
-            self.invalidate(&[conversations_key(env.user_id), conversation_key(conv)]).await;
+            self.invalidate(&[conversations_key(env.user_id), conversation_key(conv)])
+                .await;
         }
     }
 }

@@ -344,7 +344,12 @@ impl Settings {
         if self.database.min_connections > self.database.max_connections {
             return bad("database.min_connections", "must not exceed max_connections");
         }
-        if !self.database.schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        if !self
+            .database
+            .schema
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
             return bad("database.schema", "only letters, digits and _ are allowed");
         }
         if self.redis.enabled() && !self.redis.url.starts_with("redis://") && !self.redis.url.starts_with("rediss://") {

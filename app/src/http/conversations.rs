@@ -71,7 +71,11 @@ fn validate_title(title: &str) -> Result<String, ApiError> {
 pub async fn owned(state: &AppState, user_id: i64, id: i64) -> Result<Conversation, ApiError> {
     let key = conversation_key(id);
     if let Some(c) = state.cache.get::<Conversation>(&key).await {
-        return if c.user_id == user_id { Ok(c) } else { Err(ApiError::NotFound) };
+        return if c.user_id == user_id {
+            Ok(c)
+        } else {
+            Err(ApiError::NotFound)
+        };
     }
     let conv = state.store.conversation(user_id, id).await?.ok_or(ApiError::NotFound)?;
     state.cache.put(&key, &conv).await;
@@ -81,7 +85,10 @@ pub async fn owned(state: &AppState, user_id: i64, id: i64) -> Result<Conversati
 /// Drops cached results a write to conversation `id` of `user_id` made stale, and tells
 /// the other instances (whose in-process caches listen on the bus).
 pub async fn invalidate(state: &AppState, user_id: i64, id: i64, event: Option<Event>) {
-    state.cache.invalidate(&[conversations_key(user_id), conversation_key(id)]).await;
+    state
+        .cache
+        .invalidate(&[conversations_key(user_id), conversation_key(id)])
+        .await;
     if let Some(event) = event {
         if let Err(e) = state.bus.publish(&Envelope { user_id, event }).await {
             tracing::warn!(error = %e, "event not published");
@@ -119,7 +126,16 @@ async fn create(
 ) -> Result<impl IntoResponse, ApiError> {
     let title = validate_title(body.title.as_deref().unwrap_or("New conversation"))?;
     let conv = state.store.create_conversation(user.id, &title).await?;
-    invalidate(&state, user.id, conv.id, Some(Event::ConversationChanged { conversation_id: conv.id, deleted: false })).await;
+    invalidate(
+        &state,
+        user.id,
+        conv.id,
+        Some(Event::ConversationChanged {
+            conversation_id: conv.id,
+            deleted: false,
+        }),
+    )
+    .await;
     Ok((StatusCode::CREATED, private(), Json(json!({ "conversation": conv }))))
 }
 
@@ -139,7 +155,10 @@ async fn import(
     let mut messages = Vec::with_capacity(body.messages.len());
     for (i, m) in body.messages.into_iter().enumerate() {
         if !matches!(m.role.as_str(), "user" | "assistant" | "system") {
-            return Err(ApiError::invalid(&format!("messages[{i}].role"), "one of user, assistant, system"));
+            return Err(ApiError::invalid(
+                &format!("messages[{i}].role"),
+                "one of user, assistant, system",
+            ));
         }
         if m.content.len() > limits.max_message_bytes {
             return Err(ApiError::TooLarge {
@@ -147,10 +166,22 @@ async fn import(
                 message: format!("at most {} bytes", limits.max_message_bytes),
             });
         }
-        messages.push(NewMessage { role: m.role, content: m.content });
+        messages.push(NewMessage {
+            role: m.role,
+            content: m.content,
+        });
     }
     let conv = state.store.import_conversation(user.id, &title, &messages).await?;
-    invalidate(&state, user.id, conv.id, Some(Event::ConversationChanged { conversation_id: conv.id, deleted: false })).await;
+    invalidate(
+        &state,
+        user.id,
+        conv.id,
+        Some(Event::ConversationChanged {
+            conversation_id: conv.id,
+            deleted: false,
+        }),
+    )
+    .await;
     Ok((StatusCode::CREATED, private(), Json(json!({ "conversation": conv }))))
 }
 
@@ -171,8 +202,21 @@ async fn rename(
 ) -> Result<impl IntoResponse, ApiError> {
     let id = parse_id("id", &id)?;
     let title = validate_title(&body.title)?;
-    let conv = state.store.rename_conversation(user.id, id, &title).await?.ok_or(ApiError::NotFound)?;
-    invalidate(&state, user.id, id, Some(Event::ConversationChanged { conversation_id: id, deleted: false })).await;
+    let conv = state
+        .store
+        .rename_conversation(user.id, id, &title)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    invalidate(
+        &state,
+        user.id,
+        id,
+        Some(Event::ConversationChanged {
+            conversation_id: id,
+            deleted: false,
+        }),
+    )
+    .await;
     Ok((private(), Json(json!({ "conversation": conv }))))
 }
 
@@ -185,7 +229,16 @@ async fn remove(
     if !state.store.delete_conversation(user.id, id).await? {
         return Err(ApiError::NotFound);
     }
-    invalidate(&state, user.id, id, Some(Event::ConversationChanged { conversation_id: id, deleted: true })).await;
+    invalidate(
+        &state,
+        user.id,
+        id,
+        Some(Event::ConversationChanged {
+            conversation_id: id,
+            deleted: true,
+        }),
+    )
+    .await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -197,10 +250,17 @@ async fn start_export(
     let conv = owned(&state, user.id, parse_id("id", &id)?).await?;
     state
         .queues
-        .enqueue_export(ExportJob { user_id: user.id, conversation_id: conv.id })
+        .enqueue_export(ExportJob {
+            user_id: user.id,
+            conversation_id: conv.id,
+        })
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))?;
-    Ok((StatusCode::ACCEPTED, private(), Json(json!({ "status": "queued", "queue": "heavy" }))))
+    Ok((
+        StatusCode::ACCEPTED,
+        private(),
+        Json(json!({ "status": "queued", "queue": "heavy" })),
+    ))
 }
 
 async fn latest_export(
@@ -211,5 +271,8 @@ async fn latest_export(
     let conv = owned(&state, user.id, parse_id("id", &id)?).await?;
     let export = state.store.latest_export(conv.id).await?.ok_or(ApiError::NotFound)?;
     let body: serde_json::Value = serde_json::from_str(&export.body).map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok((private(), Json(json!({ "export": { "id": export.id, "created_at": export.created_at, "summary": body } }))))
+    Ok((
+        private(),
+        Json(json!({ "export": { "id": export.id, "created_at": export.created_at, "summary": body } })),
+    ))
 }

@@ -32,10 +32,16 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn invalid(field: &str, message: impl Into<String>) -> Self {
-        ApiError::Invalid { field: field.into(), message: message.into() }
+        ApiError::Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
     }
     pub fn bad(field: &str, message: impl Into<String>) -> Self {
-        ApiError::BadRequest { field: Some(field.into()), message: message.into() }
+        ApiError::BadRequest {
+            field: Some(field.into()),
+            message: message.into(),
+        }
     }
 }
 
@@ -65,7 +71,11 @@ impl IntoResponse for ApiError {
             ApiError::Unavailable(detail) | ApiError::Internal(detail) => {
                 tracing::error!(%status, detail, "request failed");
                 // do not leak internals; the detail is logged
-                if status == StatusCode::SERVICE_UNAVAILABLE { "service temporarily unavailable, retry later".to_string() } else { "internal error".to_string() }
+                if status == StatusCode::SERVICE_UNAVAILABLE {
+                    "service temporarily unavailable, retry later".to_string()
+                } else {
+                    "internal error".to_string()
+                }
             }
             other => other.to_string(),
         };
@@ -74,12 +84,15 @@ impl IntoResponse for ApiError {
             body["error"]["field"] = json!(f);
         }
         let mut resp = (status, axum::Json(body)).into_response();
-        resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        resp.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
     }

@@ -23,9 +23,15 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let bytes = Bytes::from_request(req, state).await.map_err(|e: BytesRejection| {
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::TooLarge { field: None, message: "request body too large".into() }
+                ApiError::TooLarge {
+                    field: None,
+                    message: "request body too large".into(),
+                }
             } else {
-                ApiError::BadRequest { field: None, message: e.body_text() }
+                ApiError::BadRequest {
+                    field: None,
+                    message: e.body_text(),
+                }
             }
         })?;
         parse_json(&bytes).map(ApiJson)
@@ -40,9 +46,10 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let inner = err.into_inner();
         use serde_json::error::Category;
         match inner.classify() {
-            Category::Syntax | Category::Eof | Category::Io => {
-                ApiError::BadRequest { field: None, message: format!("malformed JSON: {inner}") }
-            }
+            Category::Syntax | Category::Eof | Category::Io => ApiError::BadRequest {
+                field: None,
+                message: format!("malformed JSON: {inner}"),
+            },
             Category::Data => {
                 let msg = inner.to_string();
                 // "missing field `x`" is reported at the parent path
@@ -81,7 +88,10 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
 
 /// Parses a numeric path id (400 naming `field` otherwise).
 pub fn parse_id(field: &str, raw: &str) -> Result<i64, ApiError> {
-    raw.parse::<i64>().ok().filter(|v| *v > 0).ok_or_else(|| ApiError::bad(field, "must be a positive integer"))
+    raw.parse::<i64>()
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or_else(|| ApiError::bad(field, "must be a positive integer"))
 }
 
 pub fn hash_token(token: &str) -> String {
@@ -115,7 +125,11 @@ pub async fn authenticate(state: &AppState, token: &str) -> Result<User, ApiErro
     if let Some(user) = state.auth_cache.get(&key).await {
         return Ok(user);
     }
-    let user = state.store.session_user(&key, now_ms()).await?.ok_or(ApiError::Unauthorized)?;
+    let user = state
+        .store
+        .session_user(&key, now_ms())
+        .await?
+        .ok_or(ApiError::Unauthorized)?;
     state.auth_cache.insert(key, user.clone()).await;
     Ok(user)
 }

@@ -20,7 +20,8 @@ pub fn router() -> Router<AppState> {
         .route("/api/info", get(info))
 }
 
-const NO_STORE: [(header::HeaderName, HeaderValue); 1] = [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))];
+const NO_STORE: [(header::HeaderName, HeaderValue); 1] =
+    [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))];
 
 async fn healthz() -> impl IntoResponse {
     (NO_STORE, Json(json!({ "status": "ok" })))
@@ -46,7 +47,11 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     };
     let shutting_down = state.shutdown.is_cancelled();
     let ready = db == "ok" && (redis == "ok" || redis == "disabled") && !shutting_down;
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (
         status,
         NO_STORE,
@@ -75,7 +80,10 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         Err(_) => tracing::warn!("queue depth timed out"),
     }
     (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
         NO_STORE,
         state.metrics.render(),
     )

@@ -51,8 +51,14 @@ async fn list(
     // one extra row tells whether there is more
     let page = match (q.after, q.before) {
         (Some(_), Some(_)) => return Err(ApiError::bad("after", "give either after or before, not both")),
-        (Some(after), None) => Page::After { after, limit: limit + 1 },
-        (None, before) => Page::Before { before: before.unwrap_or(i64::MAX), limit: limit + 1 },
+        (Some(after), None) => Page::After {
+            after,
+            limit: limit + 1,
+        },
+        (None, before) => Page::Before {
+            before: before.unwrap_or(i64::MAX),
+            limit: limit + 1,
+        },
     };
     let mut messages = state.store.list_messages(conv.id, page).await?;
     let has_more = messages.len() > limit as usize;
@@ -78,7 +84,10 @@ async fn post_message(
     let id = parse_id("id", &id)?;
     let max = state.settings.limits.max_message_bytes;
     if body.content.len() > max {
-        return Err(ApiError::TooLarge { field: Some("content".into()), message: format!("content is over {max} bytes") });
+        return Err(ApiError::TooLarge {
+            field: Some("content".into()),
+            message: format!("content is over {max} bytes"),
+        });
     }
     if body.content.trim().is_empty() {
         return Err(ApiError::invalid("content", "must not be empty"));
@@ -89,9 +98,25 @@ async fn post_message(
         .insert_message(conv.id, "user", &body.content, None)
         .await?
         .ok_or_else(|| ApiError::Internal("insert returned no row".into()))?;
-    invalidate(&state, user.id, conv.id, Some(Event::Message { message: message.clone() })).await;
+    invalidate(
+        &state,
+        user.id,
+        conv.id,
+        Some(Event::Message {
+            message: message.clone(),
+        }),
+    )
+    .await;
     // The message is durable now; a failure to queue the reply does not lose it.
-    let queued = match state.queues.enqueue_ai(AiJob { user_id: user.id, conversation_id: conv.id, message_id: message.id }).await {
+    let queued = match state
+        .queues
+        .enqueue_ai(AiJob {
+            user_id: user.id,
+            conversation_id: conv.id,
+            message_id: message.id,
+        })
+        .await
+    {
         Ok(()) => true,
         Err(e) => {
             metrics::counter!("jobs_enqueue_errors_total", "queue" => "ai").increment(1);
@@ -99,5 +124,9 @@ async fn post_message(
             false
         }
     };
-    Ok((StatusCode::CREATED, private(), Json(json!({ "message": message, "reply_queued": queued }))))
+    Ok((
+        StatusCode::CREATED,
+        private(),
+        Json(json!({ "message": message, "reply_queued": queued })),
+    ))
 }

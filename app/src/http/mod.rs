@@ -63,7 +63,8 @@ pub fn private() -> [(header::HeaderName, HeaderValue); 1] {
 
 /// `Cache-Control` for public data and static assets.
 pub fn public(max_age_secs: u64) -> [(header::HeaderName, HeaderValue); 1] {
-    let v = HeaderValue::from_str(&format!("public, max-age={max_age_secs}")).unwrap_or(HeaderValue::from_static("public"));
+    let v =
+        HeaderValue::from_str(&format!("public, max-age={max_age_secs}")).unwrap_or(HeaderValue::from_static("public"));
     [(header::CACHE_CONTROL, v)]
 }
 
@@ -110,9 +111,18 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
         "status" => status.as_u16().to_string()
     )
     .record(start.elapsed().as_secs_f64());
-    if status == StatusCode::PAYLOAD_TOO_LARGE && resp.headers().get(header::CONTENT_TYPE).is_none_or(|v| v != "application/json") {
+    if status == StatusCode::PAYLOAD_TOO_LARGE
+        && resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_none_or(|v| v != "application/json")
+    {
         // axum's own body-limit rejection: give it the API's JSON shape
-        return error::ApiError::TooLarge { field: None, message: "request body too large".into() }.into_response();
+        return error::ApiError::TooLarge {
+            field: None,
+            message: "request body too large".into(),
+        }
+        .into_response();
     }
     resp
 }

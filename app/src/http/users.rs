@@ -47,9 +47,14 @@ struct UpdateProfile {
 }
 
 fn validate_username(name: &str) -> Result<(), ApiError> {
-    let ok_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
     if !(3..=32).contains(&name.len()) || !ok_chars {
-        return Err(ApiError::invalid("username", "3 to 32 characters: letters, digits, _ - ."));
+        return Err(ApiError::invalid(
+            "username",
+            "3 to 32 characters: letters, digits, _ - .",
+        ));
     }
     Ok(())
 }
@@ -71,11 +76,17 @@ fn argon2(state: &AppState) -> Result<Argon2<'static>, ApiError> {
 async fn issue_token(state: &AppState, user: &User) -> Result<String, ApiError> {
     let token = hex::encode(rand::random::<[u8; 32]>());
     let expires = now_ms() + state.settings.auth.token_ttl.as_millis() as i64;
-    state.store.create_session(&hash_token(&token), user.id, expires).await?;
+    state
+        .store
+        .create_session(&hash_token(&token), user.id, expires)
+        .await?;
     Ok(token)
 }
 
-async fn register(State(state): State<AppState>, ApiJson(body): ApiJson<Register>) -> Result<impl IntoResponse, ApiError> {
+async fn register(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<Register>,
+) -> Result<impl IntoResponse, ApiError> {
     validate_username(&body.username)?;
     if !(8..=256).contains(&body.password.len()) {
         return Err(ApiError::invalid("password", "8 to 256 bytes"));
@@ -86,14 +97,21 @@ async fn register(State(state): State<AppState>, ApiJson(body): ApiJson<Register
     let password = body.password;
     let hash = tokio::task::spawn_blocking(move || {
         let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>()).map_err(|e| e.to_string())?;
-        hasher.hash_password(password.as_bytes(), &salt).map(|h| h.to_string()).map_err(|e| e.to_string())
+        hasher
+            .hash_password(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .map_err(|e| e.to_string())
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?
     .map_err(ApiError::Internal)?;
     let user = state.store.create_user(&body.username, &hash, &display_name).await?;
     let token = issue_token(&state, &user).await?;
-    Ok((StatusCode::CREATED, private(), Json(json!({ "user": user, "token": token }))))
+    Ok((
+        StatusCode::CREATED,
+        private(),
+        Json(json!({ "user": user, "token": token })),
+    ))
 }
 
 async fn login(State(state): State<AppState>, ApiJson(body): ApiJson<Login>) -> Result<impl IntoResponse, ApiError> {
@@ -103,7 +121,9 @@ async fn login(State(state): State<AppState>, ApiJson(body): ApiJson<Login>) -> 
     let password = body.password;
     let ok = tokio::task::spawn_blocking(move || {
         let Some(stored) = stored else { return false };
-        PasswordHash::new(&stored).map(|h| hasher.verify_password(password.as_bytes(), &h).is_ok()).unwrap_or(false)
+        PasswordHash::new(&stored)
+            .map(|h| hasher.verify_password(password.as_bytes(), &h).is_ok())
+            .unwrap_or(false)
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -125,7 +145,11 @@ async fn update_me(
     ApiJson(body): ApiJson<UpdateProfile>,
 ) -> Result<impl IntoResponse, ApiError> {
     validate_display_name(&body.display_name)?;
-    let updated = state.store.update_display_name(user.id, body.display_name.trim()).await?.ok_or(ApiError::NotFound)?;
+    let updated = state
+        .store
+        .update_display_name(user.id, body.display_name.trim())
+        .await?
+        .ok_or(ApiError::NotFound)?;
     state.auth_cache.invalidate_all();
     Ok((private(), Json(json!({ "user": updated }))))
 }

@@ -22,7 +22,10 @@ const STYLE_CSS: &str = include_str!("../../static/style.css");
 async fn index() -> impl IntoResponse {
     (
         [
-            (header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8")),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            ),
             (header::CACHE_CONTROL, HeaderValue::from_static("public, no-cache")),
         ],
         INDEX,

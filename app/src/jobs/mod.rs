@@ -184,11 +184,17 @@ pub async fn start(
         let (ai_pool, ai_hook) = sqlite_pool(db).await?;
         let (heavy_pool, heavy_hook) = sqlite_pool(db).await?;
         let ai_cfg = apalis_sqlite::Config::default().queue(&ai_queue).batch_size(32);
-        let heavy_cfg = apalis_sqlite::Config::default().queue(&heavy_queue).batch_size(settings.heavy_concurrency);
+        let heavy_cfg = apalis_sqlite::Config::default()
+            .queue(&heavy_queue)
+            .batch_size(settings.heavy_concurrency);
         let ai = SqliteStorage::<AiJob>::new(&ai_pool).with_config(ai_cfg);
         let heavy = SqliteStorage::<ExportJob>::new(&heavy_pool).with_config(heavy_cfg);
-        let ai_strategy = Strategy::new().stream(ai_hook.ready_chunks(32)).interval(settings.poll_interval);
-        let heavy_strategy = Strategy::new().stream(heavy_hook.ready_chunks(8)).interval(settings.poll_interval);
+        let ai_strategy = Strategy::new()
+            .stream(ai_hook.ready_chunks(32))
+            .interval(settings.poll_interval);
+        let heavy_strategy = Strategy::new()
+            .stream(heavy_hook.ready_chunks(8))
+            .interval(settings.poll_interval);
         handles.push(spawn_worker!(
             format!("ai-{instance}"),
             ai.clone().poll_with_strategy(ai_strategy),
@@ -219,9 +225,14 @@ pub async fn start(
             .map_err(|e| JobError::Open(e.to_string()))?;
         let mut migrator = PostgresStorage::<()>::migrations();
         migrator.set_ignore_missing(true);
-        migrator.run(&pool).await.map_err(|e| JobError::Open(format!("apalis migrations: {e}")))?;
+        migrator
+            .run(&pool)
+            .await
+            .map_err(|e| JobError::Open(format!("apalis migrations: {e}")))?;
         let ai_cfg = apalis_postgres::Config::default().queue(&ai_queue).batch_size(32);
-        let heavy_cfg = apalis_postgres::Config::default().queue(&heavy_queue).batch_size(settings.heavy_concurrency);
+        let heavy_cfg = apalis_postgres::Config::default()
+            .queue(&heavy_queue)
+            .batch_size(settings.heavy_concurrency);
         let ai = PostgresStorage::<AiJob>::new(&pool).with_config(ai_cfg);
         let heavy = PostgresStorage::<ExportJob>::new(&pool).with_config(heavy_cfg);
         handles.push(spawn_worker!(
@@ -249,16 +260,24 @@ pub async fn start(
     Ok((queues, Workers { handles }))
 }
 
-async fn sqlite_pool(db: &DatabaseSettings) -> Result<(sqlx::SqlitePool, apalis_sqlite::callback::HookCallbackListener), JobError> {
+async fn sqlite_pool(
+    db: &DatabaseSettings,
+) -> Result<(sqlx::SqlitePool, apalis_sqlite::callback::HookCallbackListener), JobError> {
     let (pool, hook) = SqliteStorage::connect_with_callback(&db.url)?;
     // Same file as the app; pragmas as the app pool (WAL is a property of the file).
     let mut migrator = SqliteStorage::<()>::migrations();
     migrator.set_ignore_missing(true);
-    sqlx::query("PRAGMA busy_timeout = 5000").execute(&pool).await.map_err(apalis_sqlite::Error::from)?;
+    sqlx::query("PRAGMA busy_timeout = 5000")
+        .execute(&pool)
+        .await
+        .map_err(apalis_sqlite::Error::from)?;
     let _guard = crate::store::sqlite::migrate_lock().lock().await;
     if let Err(first) = migrator.run(&pool).await {
         tracing::warn!(error = %first, "apalis migration failed, retrying once");
-        migrator.run(&pool).await.map_err(|e| JobError::Open(format!("apalis migrations: {e}")))?;
+        migrator
+            .run(&pool)
+            .await
+            .map_err(|e| JobError::Open(format!("apalis migrations: {e}")))?;
     }
     Ok((pool, hook))
 }
@@ -270,7 +289,8 @@ async fn run_ai(job: AiJob, ctx: Data<Arc<JobContext>>) -> HandlerResult {
     let started = Instant::now();
     let res = ai_reply(&ctx, &job).await;
     let outcome = if res.is_ok() { "ok" } else { "error" };
-    metrics::histogram!("job_duration_seconds", "queue" => "ai", "outcome" => outcome).record(started.elapsed().as_secs_f64());
+    metrics::histogram!("job_duration_seconds", "queue" => "ai", "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
     metrics::counter!("jobs_total", "queue" => "ai", "outcome" => outcome).increment(1);
     res.map_err(|e| {
         tracing::warn!(error = %e, message_id = job.message_id, "ai job attempt failed");
@@ -292,17 +312,33 @@ async fn ai_reply(ctx: &JobContext, job: &AiJob) -> Result<(), JobError> {
     let history_len = ctx.llm.history_messages.max(1);
     let history = ctx
         .store
-        .list_messages(job.conversation_id, Page::Before { before: job.message_id + 1, limit: history_len })
+        .list_messages(
+            job.conversation_id,
+            Page::Before {
+                before: job.message_id + 1,
+                limit: history_len,
+            },
+        )
         .await?;
     if !history.iter().any(|m| m.id == job.message_id) {
         return Ok(()); // the conversation or message was deleted
     }
     let request = ChatRequest {
-        messages: history.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect(),
+        messages: history
+            .into_iter()
+            .map(|m| ChatMessage {
+                role: m.role,
+                content: m.content,
+            })
+            .collect(),
     };
     let (provider, model) = ctx.model.name();
     let started = Instant::now();
-    let fail = |error: String| Event::ReplyFailed { conversation_id: job.conversation_id, reply_to: job.message_id, error };
+    let fail = |error: String| Event::ReplyFailed {
+        conversation_id: job.conversation_id,
+        reply_to: job.message_id,
+        error,
+    };
     let mut stream = match ctx.model.stream(request).await {
         Ok(s) => s,
         Err(e) => {
@@ -322,7 +358,17 @@ async fn ai_reply(ctx: &JobContext, job: &AiJob) -> Result<(), JobError> {
                         .record(started.elapsed().as_secs_f64());
                 }
                 text.push_str(&delta);
-                publish(ctx, job.user_id, Event::Token { conversation_id: job.conversation_id, reply_to: job.message_id, seq, delta }).await;
+                publish(
+                    ctx,
+                    job.user_id,
+                    Event::Token {
+                        conversation_id: job.conversation_id,
+                        reply_to: job.message_id,
+                        seq,
+                        delta,
+                    },
+                )
+                .await;
                 seq += 1;
             }
             Err(e) => {
@@ -336,16 +382,26 @@ async fn ai_reply(ctx: &JobContext, job: &AiJob) -> Result<(), JobError> {
             }
         }
     }
-    metrics::histogram!("llm_request_duration_seconds", "provider" => provider, "model" => model).record(started.elapsed().as_secs_f64());
+    metrics::histogram!("llm_request_duration_seconds", "provider" => provider, "model" => model)
+        .record(started.elapsed().as_secs_f64());
     metrics::counter!("llm_tokens_total", "provider" => provider).increment(u64::from(seq));
-    match ctx.store.insert_message(job.conversation_id, "assistant", &text, Some(job.message_id)).await {
+    match ctx
+        .store
+        .insert_message(job.conversation_id, "assistant", &text, Some(job.message_id))
+        .await
+    {
         Ok(Some(message)) => {
-            ctx.cache.invalidate(&[conversations_key(job.user_id), conversation_key(job.conversation_id)]).await;
+            ctx.cache
+                .invalidate(&[conversations_key(job.user_id), conversation_key(job.conversation_id)])
+                .await;
             publish(ctx, job.user_id, Event::Message { message }).await;
             Ok(())
         }
         Ok(None) => Ok(()), // another attempt stored it
-        Err(StoreError::Database { source: sqlx::Error::Database(d), .. }) if d.is_foreign_key_violation() => Ok(()),
+        Err(StoreError::Database {
+            source: sqlx::Error::Database(d),
+            ..
+        }) if d.is_foreign_key_violation() => Ok(()),
         Err(e) => Err(e.into()),
     }
 }
@@ -354,7 +410,8 @@ async fn run_export(job: ExportJob, ctx: Data<Arc<JobContext>>) -> HandlerResult
     let started = Instant::now();
     let res = export(&ctx, &job).await;
     let outcome = if res.is_ok() { "ok" } else { "error" };
-    metrics::histogram!("job_duration_seconds", "queue" => "heavy", "outcome" => outcome).record(started.elapsed().as_secs_f64());
+    metrics::histogram!("job_duration_seconds", "queue" => "heavy", "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
     metrics::counter!("jobs_total", "queue" => "heavy", "outcome" => outcome).increment(1);
     res.map_err(|e| Box::new(e) as BoxDynError)
 }
@@ -363,7 +420,10 @@ async fn export(ctx: &JobContext, job: &ExportJob) -> Result<(), JobError> {
     let mut messages = Vec::new();
     let mut after = 0;
     loop {
-        let page = ctx.store.list_messages(job.conversation_id, Page::After { after, limit: 1000 }).await?;
+        let page = ctx
+            .store
+            .list_messages(job.conversation_id, Page::After { after, limit: 1000 })
+            .await?;
         let Some(last) = page.last() else { break };
         after = last.id;
         let done = page.len() < 1000;
@@ -378,10 +438,21 @@ async fn export(ctx: &JobContext, job: &ExportJob) -> Result<(), JobError> {
         .map_err(|e| JobError::Export(e.to_string()))?;
     let export = match ctx.store.save_export(job.conversation_id, &body).await {
         Ok(e) => e,
-        Err(StoreError::Database { source: sqlx::Error::Database(d), .. }) if d.is_foreign_key_violation() => return Ok(()),
+        Err(StoreError::Database {
+            source: sqlx::Error::Database(d),
+            ..
+        }) if d.is_foreign_key_violation() => return Ok(()),
         Err(e) => return Err(e.into()),
     };
-    publish(ctx, job.user_id, Event::ExportReady { conversation_id: job.conversation_id, export_id: export.id }).await;
+    publish(
+        ctx,
+        job.user_id,
+        Event::ExportReady {
+            conversation_id: job.conversation_id,
+            export_id: export.id,
+        },
+    )
+    .await;
     Ok(())
 }
 

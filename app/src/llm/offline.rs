@@ -72,7 +72,10 @@ mod tests {
     #[tokio::test]
     async fn reply_is_deterministic_and_streams_in_order() {
         let req = ChatRequest {
-            messages: vec![ChatMessage { role: "user".into(), content: "hello there world".into() }],
+            messages: vec![ChatMessage {
+                role: "user".into(),
+                content: "hello there world".into(),
+            }],
         };
         let want = OfflineModel::reply_for(&req);
         assert!(want.contains("hello there world") && want.contains("3 words"), "{want}");

@@ -59,8 +59,15 @@ impl OpenAiCompatible {
             .map_err(LlmError::Connect)?;
         let status = resp.status();
         if !status.is_success() {
-            let body = tokio::time::timeout_at(deadline, resp.text()).await.ok().and_then(Result::ok).unwrap_or_default();
-            return Err(LlmError::Status { status: status.as_u16(), body: body.chars().take(500).collect() });
+            let body = tokio::time::timeout_at(deadline, resp.text())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            return Err(LlmError::Status {
+                status: status.as_u16(),
+                body: body.chars().take(500).collect(),
+            });
         }
         let mut events: Events = resp
             .bytes_stream()
@@ -102,7 +109,10 @@ fn parse(ev: &Event) -> Result<Chunk, LlmError> {
         return Err(LlmError::Stream(err.to_string()));
     }
     Ok(Chunk::Text(
-        v.pointer("/choices/0/delta/content").and_then(|c| c.as_str()).unwrap_or("").to_string(),
+        v.pointer("/choices/0/delta/content")
+            .and_then(|c| c.as_str())
+            .unwrap_or("")
+            .to_string(),
     ))
 }
 

@@ -190,7 +190,12 @@ pub trait Store: Send + Sync + 'static {
 
     async fn create_conversation(&self, user_id: i64, title: &str) -> StoreResult<Conversation>;
     /// Creates a conversation with its messages in one transaction (one multi-row insert).
-    async fn import_conversation(&self, user_id: i64, title: &str, messages: &[NewMessage]) -> StoreResult<Conversation>;
+    async fn import_conversation(
+        &self,
+        user_id: i64,
+        title: &str,
+        messages: &[NewMessage],
+    ) -> StoreResult<Conversation>;
     async fn rename_conversation(&self, user_id: i64, id: i64, title: &str) -> StoreResult<Option<Conversation>>;
     /// False when there is no such conversation of this user.
     async fn delete_conversation(&self, user_id: i64, id: i64) -> StoreResult<bool>;
@@ -203,7 +208,13 @@ pub trait Store: Send + Sync + 'static {
     async fn list_messages(&self, conversation_id: i64, page: Page) -> StoreResult<Vec<Message>>;
     /// Inserts a message and bumps the conversation's count, last message and activity time.
     /// With `reply_to`, returns `None` when that message already has a reply (idempotent retry).
-    async fn insert_message(&self, conversation_id: i64, role: &str, content: &str, reply_to: Option<i64>) -> StoreResult<Option<Message>>;
+    async fn insert_message(
+        &self,
+        conversation_id: i64,
+        role: &str,
+        content: &str,
+        reply_to: Option<i64>,
+    ) -> StoreResult<Option<Message>>;
     async fn message(&self, id: i64) -> StoreResult<Option<Message>>;
     /// The reply to a user message, if one was persisted.
     async fn reply_to(&self, user_message_id: i64) -> StoreResult<Option<Message>>;

@@ -18,8 +18,8 @@ pub struct PgStore {
 
 impl PgStore {
     pub async fn open(settings: &DatabaseSettings) -> StoreResult<Self> {
-        let mut options = PgConnectOptions::from_str(&settings.url)
-            .map_err(|e| StoreError::Open(format!("database.url: {e}")))?;
+        let mut options =
+            PgConnectOptions::from_str(&settings.url).map_err(|e| StoreError::Open(format!("database.url: {e}")))?;
         if !settings.schema.is_empty() {
             // validated to [A-Za-z0-9_]
             let mut conn = sqlx::PgConnection::connect_with(&options)

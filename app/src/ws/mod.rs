@@ -46,7 +46,12 @@ pub struct Hub {
 
 impl Hub {
     pub fn new(capacity: usize) -> Self {
-        Self { sockets: Mutex::new(HashMap::new()), next_id: AtomicU64::new(1), count: AtomicUsize::new(0), capacity }
+        Self {
+            sockets: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            count: AtomicUsize::new(0),
+            capacity,
+        }
     }
 
     pub fn connections(&self) -> usize {
@@ -58,7 +63,11 @@ impl Hub {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let evict = CancellationToken::new();
         if let Ok(mut map) = self.sockets.lock() {
-            map.entry(user_id).or_default().push(Slot { id, tx, evict: evict.clone() });
+            map.entry(user_id).or_default().push(Slot {
+                id,
+                tx,
+                evict: evict.clone(),
+            });
         }
         self.count.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!("ws_connections").increment(1.0);
@@ -82,7 +91,9 @@ impl Hub {
     pub fn dispatch(&self, env: &Envelope) {
         let Ok(map) = self.sockets.lock() else { return };
         let Some(slots) = map.get(&env.user_id) else { return };
-        let Ok(text) = serde_json::to_string(&env.event) else { return };
+        let Ok(text) = serde_json::to_string(&env.event) else {
+            return;
+        };
         let text = Utf8Bytes::from(text);
         for slot in slots {
             match slot.tx.try_send(text.clone()) {
@@ -112,7 +123,10 @@ pub async fn run_dispatcher(state: AppState, mut rx: tokio::sync::broadcast::Rec
             }
             Err(RecvError::Lagged(n)) => {
                 metrics::counter!("bus_events_lagged_total").increment(n);
-                tracing::warn!(skipped = n, "event dispatcher lagged; clients will catch up from the database");
+                tracing::warn!(
+                    skipped = n,
+                    "event dispatcher lagged; clients will catch up from the database"
+                );
             }
             Err(RecvError::Closed) => break,
         }
@@ -147,9 +161,7 @@ pub async fn upgrade(
         .max_message_size(max)
         .max_frame_size(max)
         .max_write_buffer_size(4 * 1024 * 1024)
-        .on_upgrade(move |socket| {
-            tracker.track_future(handle(state, user, socket))
-        })
+        .on_upgrade(move |socket| tracker.track_future(handle(state, user, socket)))
         .into_response())
 }
 
@@ -161,7 +173,10 @@ enum ClientFrame {
 }
 
 fn close(code: u16, reason: &'static str) -> WsMessage {
-    WsMessage::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }))
+    WsMessage::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    }))
 }
 
 async fn handle(state: AppState, user: User, socket: WebSocket) {
@@ -231,14 +246,20 @@ async fn client_frame(state: &AppState, user: &User, text: &str) -> Vec<String> 
                 Ok(_) => {}
             }
             let limit = state.settings.limits.max_page;
-            match state.store.list_messages(conversation_id, Page::After { after, limit }).await {
+            match state
+                .store
+                .list_messages(conversation_id, Page::After { after, limit })
+                .await
+            {
                 Ok(messages) => {
                     let more = messages.len() == limit as usize;
                     let mut out: Vec<String> = messages
                         .into_iter()
                         .filter_map(|m| serde_json::to_string(&Event::Message { message: m }).ok())
                         .collect();
-                    out.push(json!({ "type": "resumed", "conversation_id": conversation_id, "has_more": more }).to_string());
+                    out.push(
+                        json!({ "type": "resumed", "conversation_id": conversation_id, "has_more": more }).to_string(),
+                    );
                     out
                 }
                 Err(e) => err(e.to_string()),
