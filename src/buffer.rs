@@ -131,6 +131,8 @@ pub enum Outcome {
 /// Response buffering state of one response.
 #[derive(Debug)]
 pub struct BufferedBody {
+    /// The first chunk, kept as is: a body that arrives in one chunk is never copied.
+    first: Option<Bytes>,
     spool: Spool,
     streaming: bool,
     /// The body went to a temporary file at some point.
@@ -140,6 +142,7 @@ pub struct BufferedBody {
 impl BufferedBody {
     pub fn new(cfg: &ResponseBuffering) -> BufferedBody {
         BufferedBody {
+            first: None,
             spool: Spool::new(cfg.limits.clone()),
             streaming: false,
             spilled: false,
@@ -152,6 +155,47 @@ impl BufferedBody {
         if self.streaming {
             return Ok(Some(chunk));
         }
+        if self.spool.is_empty() && self.first.is_none() {
+            if end {
+                return Ok(Some(chunk));
+            }
+            if chunk.len() <= self.spool.limits.memory {
+                self.first = Some(chunk);
+                return Ok(None);
+            }
+        }
+        if let Some(first) = self.first.take() {
+            if end && chunk.is_empty() {
+                return Ok(Some(first));
+            }
+            self.push_spool(&first)?;
+            if self.streaming {
+                let mut out = BytesMut::with_capacity(first.len() + chunk.len());
+                out.extend_from_slice(&first);
+                out.extend_from_slice(&chunk);
+                return Ok(Some(out.freeze()));
+            }
+        }
+        self.push_spool_then(chunk, end)
+    }
+
+    /// Appends to the spool; on overflow switches to streaming (keeping the bytes).
+    fn push_spool(&mut self, data: &[u8]) -> Result<(), SpoolError> {
+        match self.spool.push(data) {
+            Ok(()) => {
+                self.spilled |= self.spool.spilled();
+                Ok(())
+            }
+            Err(SpoolError::Full) => {
+                // cannot happen for the first chunk (it fits in memory); be safe anyway
+                self.streaming = true;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn push_spool_then(&mut self, chunk: Bytes, end: bool) -> Result<Option<Bytes>, SpoolError> {
         let pushed = self.spool.push(&chunk);
         self.spilled |= self.spool.spilled();
         match pushed {
@@ -247,6 +291,21 @@ mod tests {
             Some(Bytes::from_static(b"f"))
         );
         assert_eq!(b.outcome(), Outcome::Streamed);
+    }
+
+    #[test]
+    fn a_body_in_one_chunk_is_passed_on_without_a_copy() {
+        let cfg = ResponseBuffering {
+            limits: limits(1024, 0),
+        };
+        let mut b = BufferedBody::new(&cfg);
+        let chunk = Bytes::from(vec![7u8; 100]);
+        let ptr = chunk.as_ptr();
+        assert_eq!(b.push(chunk, false).unwrap(), None);
+        let out = b.push(Bytes::new(), true).unwrap().unwrap();
+        assert_eq!(out.as_ptr(), ptr);
+        assert_eq!(out.len(), 100);
+        assert_eq!(b.outcome(), Outcome::Memory);
     }
 
     #[test]

@@ -61,7 +61,11 @@ fn parse_accept_encoding(value: &str) -> Vec<Accepted<'_>> {
                 let p = p.trim();
                 if let Some(v) = p.strip_prefix("q=").or_else(|| p.strip_prefix("Q=")) {
                     // an unparsable weight makes the element unusable (treated as q=0)
-                    q = v.trim().parse::<f32>().ok().filter(|q| (0.0..=1.0).contains(q))?;
+                    q = v
+                        .trim()
+                        .parse::<f32>()
+                        .ok()
+                        .filter(|q| (0.0..=1.0).contains(q))?;
                 }
             }
             Some(Accepted { coding, q })
@@ -118,7 +122,12 @@ pub struct TypeSet(Vec<String>);
 
 impl TypeSet {
     pub fn new(patterns: &[String]) -> TypeSet {
-        TypeSet(patterns.iter().map(|p| p.trim().to_ascii_lowercase()).collect())
+        TypeSet(
+            patterns
+                .iter()
+                .map(|p| p.trim().to_ascii_lowercase())
+                .collect(),
+        )
     }
 
     pub fn matches(&self, content_type: &str) -> bool {
@@ -138,7 +147,9 @@ impl TypeSet {
             (pt == "*" || pt == top)
                 && (ps == "*"
                     || ps == sub
-                    || ps.strip_prefix('*').is_some_and(|suffix| sub.ends_with(suffix)))
+                    || ps
+                        .strip_prefix('*')
+                        .is_some_and(|suffix| sub.ends_with(suffix)))
         })
     }
 }
@@ -214,7 +225,8 @@ pub fn eligible(
     if is_event_stream(ct) && !event_streams {
         return Err(Skip::EventStream);
     }
-    if !types.matches(ct) && !(event_streams && is_event_stream(ct)) {
+    let streamed_event = event_streams && is_event_stream(ct);
+    if !(types.matches(ct) || streamed_event) {
         return Err(Skip::Type);
     }
     if let Some(len) = headers
@@ -326,7 +338,9 @@ impl Encoder {
                 levels.brotli.min(11),
                 BROTLI_LGWIN,
             ))),
-            Coding::Zstd => Inner::Zstd(zstd::stream::write::Encoder::new(Vec::new(), levels.zstd)?),
+            Coding::Zstd => {
+                Inner::Zstd(zstd::stream::write::Encoder::new(Vec::new(), levels.zstd)?)
+            }
         };
         Ok(Encoder {
             inner: Some(inner),
@@ -467,7 +481,10 @@ mod tests {
     #[test]
     fn eligibility_rules() {
         let t = TypeSet::new(&["text/*".into(), "application/json".into()]);
-        let json = [("content-type", "application/json"), ("content-length", "5000")];
+        let json = [
+            ("content-type", "application/json"),
+            ("content-length", "5000"),
+        ];
         let ok = |status, head, range, h: &[(&str, &str)]| {
             eligible(status, head, range, &headers(h), &t, 1024, false)
         };
@@ -484,14 +501,27 @@ mod tests {
         nt.push(("cache-control", "public, no-transform"));
         assert_eq!(ok(200, false, false, &nt), Err(Skip::NoTransform));
         assert_eq!(
-            ok(200, false, false, &[("content-type", "image/png"), ("content-length", "5000")]),
+            ok(
+                200,
+                false,
+                false,
+                &[("content-type", "image/png"), ("content-length", "5000")]
+            ),
             Err(Skip::Type)
         );
         assert_eq!(
-            ok(200, false, false, &[("content-type", "text/plain"), ("content-length", "100")]),
+            ok(
+                200,
+                false,
+                false,
+                &[("content-type", "text/plain"), ("content-length", "100")]
+            ),
             Err(Skip::TooSmall)
         );
-        assert_eq!(ok(200, false, false, &[("content-type", "text/plain")]), Ok(()));
+        assert_eq!(
+            ok(200, false, false, &[("content-type", "text/plain")]),
+            Ok(())
+        );
         assert_eq!(
             ok(200, false, false, &[("content-type", "text/event-stream")]),
             Err(Skip::EventStream)
@@ -517,7 +547,9 @@ mod tests {
         let mut out = Vec::new();
         match coding {
             Coding::Gzip => {
-                flate2::read::GzDecoder::new(data).read_to_end(&mut out).unwrap();
+                flate2::read::GzDecoder::new(data)
+                    .read_to_end(&mut out)
+                    .unwrap();
             }
             Coding::Brotli => {
                 brotli::Decompressor::new(data, 4096)
@@ -549,7 +581,11 @@ mod tests {
             }
             out.extend_from_slice(&enc.encode(&[], true).unwrap());
             assert_eq!(decode(coding, &out), body, "{coding:?}");
-            assert!(out.len() < body.len() / 4, "{coding:?} compressed to {}", out.len());
+            assert!(
+                out.len() < body.len() / 4,
+                "{coding:?} compressed to {}",
+                out.len()
+            );
             assert_eq!(enc.bytes_in, body.len() as u64);
             assert_eq!(enc.bytes_out, out.len() as u64);
         }

@@ -136,7 +136,7 @@ impl EdgeApp {
             .rejected_requests
             .with_label_values(&[&status.to_string()])
             .inc();
-        let id = uuid::Uuid::new_v4().simple().to_string();
+        let id = crate::proxy::headers::new_request_id();
         let body = format!("{status} {reason}\n");
         let resp = format!(
             "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nx-request-id: {id}\r\nconnection: close\r\n\r\n{body}",

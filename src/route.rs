@@ -52,8 +52,9 @@ impl Router {
                 .find(|(prefix, _)| path.starts_with(prefix.as_str()))
                 .map(|&(_, i)| i)
         };
-        if let Some(host) = host.map(strip_port).map(normalize_host) {
-            if let Some(i) = self.exact.get(&host).and_then(|v| longest(v)) {
+        if let Some(host) = host.map(strip_port).map(normalize_host_cow) {
+            let host: &str = &host;
+            if let Some(i) = self.exact.get(host).and_then(|v| longest(v)) {
                 return Some(i);
             }
             for (suffix, v) in &self.wildcard {
@@ -70,6 +71,16 @@ impl Router {
 
 fn normalize_host(h: &str) -> String {
     h.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Like [`normalize_host`], without allocating for the usual lower-case host.
+fn normalize_host_cow(h: &str) -> std::borrow::Cow<'_, str> {
+    let h = h.trim_end_matches('.');
+    if h.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(h.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(h)
+    }
 }
 
 /// `example.com:8080` -> `example.com`; `[::1]:80` -> `[::1]`.

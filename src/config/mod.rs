@@ -27,8 +27,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use duration::HumanDuration;
-pub use size::ByteSize;
 pub use locate::{KeyPath, Segment};
+pub use size::ByteSize;
 pub use validate::{
     check_host_pattern, parse_hash_on, parse_server_address, parse_status_set, HashOn,
     ServerAddress, StatusSet,

@@ -347,7 +347,10 @@ pub fn validate(c: &Config) -> Vec<(KeyPath, String)> {
                     format!("{a:?} is not one of br, zstd, gzip"),
                 ));
             } else if !seen_algos.insert(a.as_str()) {
-                out.push((cp.key("algorithms").index(j), format!("{a:?} is listed twice")));
+                out.push((
+                    cp.key("algorithms").index(j),
+                    format!("{a:?} is listed twice"),
+                ));
             }
         }
         if !(1..=9).contains(&r.compression.gzip_level) {

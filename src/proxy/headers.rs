@@ -22,7 +22,15 @@ pub fn request_id(incoming: Option<&HeaderValue>) -> String {
             }
         }
     }
-    uuid::Uuid::new_v4().simple().to_string()
+    new_request_id()
+}
+
+/// A fresh 128-bit random id as 32 hex digits, from a thread-local generator (no
+/// system call per request, unlike a `getrandom`-backed UUID).
+pub fn new_request_id() -> String {
+    use rand::Rng;
+    let n: u128 = rand::rng().random();
+    format!("{n:032x}")
 }
 
 /// Why a request is refused before routing.
@@ -90,6 +98,11 @@ pub fn request_host(req: &RequestHeader) -> Option<&str> {
         .or_else(|| req.uri.authority().map(|a| a.as_str()))
 }
 
+static XFF: HeaderName = HeaderName::from_static(X_FORWARDED_FOR);
+static XFP: HeaderName = HeaderName::from_static(X_FORWARDED_PROTO);
+static XFH: HeaderName = HeaderName::from_static(X_FORWARDED_HOST);
+static XRID: HeaderName = HeaderName::from_static(X_REQUEST_ID);
+
 /// Adds X-Forwarded-For (appended), -Proto and -Host, and the request id.
 pub fn add_forwarding(
     req: &mut RequestHeader,
@@ -98,28 +111,26 @@ pub fn add_forwarding(
     host: Option<&str>,
     request_id: &str,
 ) {
+    use std::fmt::Write;
     if let Some(ip) = client_ip {
-        let prior: Vec<String> = req
-            .headers
-            .get_all(X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .map(str::to_owned)
-            .collect();
-        let value = if prior.is_empty() {
-            ip.to_string()
-        } else {
-            format!("{}, {ip}", prior.join(", "))
-        };
-        let _ = req.insert_header(X_FORWARDED_FOR, value);
+        let mut value = String::with_capacity(48);
+        for prior in req.headers.get_all(&XFF).iter() {
+            if let Ok(p) = prior.to_str() {
+                value.push_str(p);
+                value.push_str(", ");
+            }
+        }
+        let _ = write!(value, "{ip}");
+        let _ = req.insert_header(XFF.clone(), value);
     }
-    let _ = req.insert_header(X_FORWARDED_PROTO, if tls { "https" } else { "http" });
+    let proto = HeaderValue::from_static(if tls { "https" } else { "http" });
+    let _ = req.insert_header(XFP.clone(), proto);
     if let Some(h) = host {
-        if !req.headers.contains_key(X_FORWARDED_HOST) {
-            let _ = req.insert_header(X_FORWARDED_HOST, h.to_owned());
+        if !req.headers.contains_key(&XFH) {
+            let _ = req.insert_header(XFH.clone(), h);
         }
     }
-    let _ = req.insert_header(X_REQUEST_ID, request_id.to_owned());
+    let _ = req.insert_header(XRID.clone(), request_id);
 }
 
 /// Hop-by-hop fields of RFC 9110 §7.6.1 plus the legacy ones every proxy drops.

@@ -197,7 +197,7 @@ impl Edge {
                 .await?;
         }
         let mut spool = Spool::new(SpoolLimits {
-            memory: cfg.memory,
+            memory: cfg.memory.min(cfg.max_body as usize),
             file: cfg.max_body,
             dir: ctx.snap.temp_dir.clone(),
         });
@@ -229,7 +229,11 @@ impl Edge {
                 .inc();
         }
         let body = spool.take().map_err(|e| {
-            Error::because(ErrorType::InternalError, "reading the spooled request body", e)
+            Error::because(
+                ErrorType::InternalError,
+                "reading the spooled request body",
+                e,
+            )
         })?;
         ctx.request_body = Some(body);
         Ok(false)
@@ -312,7 +316,9 @@ impl ProxyHttp for Edge {
         ctx.route = Some(route);
         let r = &ctx.snap.routes[route];
         let pool = &ctx.snap.pools[r.pool];
-        ctx.hash_key = headers::hash_key(session.req_header(), &pool.hash_on, ctx.client_ip);
+        if pool.algorithm == crate::config::Algorithm::Hash {
+            ctx.hash_key = headers::hash_key(session.req_header(), &pool.hash_on, ctx.client_ip);
+        }
         let req = session.req_header();
         ctx.is_head = req.method == http::Method::HEAD;
         ctx.has_range = req.headers.contains_key(http::header::RANGE);

@@ -17,6 +17,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::Router;
+use futures_util::StreamExt;
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
 
@@ -42,6 +43,11 @@ pub struct OriginState {
     pub probes: AtomicUsize,
     pub in_flight: AtomicUsize,
     pub max_in_flight: AtomicUsize,
+    /// Set when a streamed body (`/bytes`, `/sse`) has been fully handed to the
+    /// connection: the origin finished writing.
+    pub finished_writing: AtomicBool,
+    /// Bodies received by `/upload`, in order.
+    pub uploads: Mutex<Vec<Vec<u8>>>,
 }
 
 /// A real HTTP origin (axum) on 127.0.0.1, port chosen by the OS.
@@ -51,6 +57,14 @@ pub struct OriginState {
 /// - `/slow/{ms}`: waits, then 200
 /// - `/healthz`: 200 or 503 per [`OriginState::healthy`]
 /// - `/ws`: WebSocket echo (text and binary)
+/// - `/bytes/{n}`: `n` bytes of [`compressible`] text streamed in 16 KiB chunks;
+///   query `type=` sets Content-Type (default application/json), `cl=0` omits
+///   Content-Length; sets `finished_writing` when the last chunk is taken
+/// - `/sse/{count}/{ms}`: text/event-stream, `count` events `ms` apart
+/// - `/upload`: reads the body and records it in `uploads`
+/// - `/fixed`: a 4 KiB JSON body whose headers come from the query:
+///   `etag`, `vary`, `cc` (Cache-Control), `ce` (Content-Encoding), `xab`
+///   (X-Accel-Buffering)
 pub struct Origin {
     pub addr: SocketAddr,
     pub state: Arc<OriginState>,
@@ -74,13 +88,20 @@ impl Origin {
             probes: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
+            finished_writing: AtomicBool::new(false),
+            uploads: Mutex::new(Vec::new()),
         });
         let app = Router::new()
             .route("/healthz", get(healthz))
             .route("/ws", get(ws))
             .route("/status/{code}", any(status))
             .route("/slow/{ms}", any(slow))
+            .route("/bytes/{n}", any(bytes_body))
+            .route("/sse/{count}/{ms}", get(sse))
+            .route("/upload", any(upload))
+            .route("/fixed", any(fixed))
             .fallback(any(echo))
+            .layer(axum::extract::DefaultBodyLimit::disable())
             .with_state(state.clone());
         let task = tokio::spawn(async move {
             let _ = axum::serve(
@@ -485,4 +506,141 @@ upstream = "app"
 "#,
         servers(&[origin])
     )
+}
+
+/// Deterministic, compressible text: `n` bytes of JSON-like chat lines.
+pub fn compressible(n: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n + 64);
+    let mut i = 0u64;
+    while out.len() < n {
+        out.extend_from_slice(
+            format!(
+                "{{\"id\":{i},\"role\":\"assistant\",\"text\":\"token {}\"}},\n",
+                i % 113
+            )
+            .as_bytes(),
+        );
+        i += 1;
+    }
+    out.truncate(n);
+    out
+}
+
+fn query_param<'a>(uri: &'a Uri, key: &str) -> Option<&'a str> {
+    uri.query()?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
+
+async fn bytes_body(
+    State(st): State<Arc<OriginState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(n): Path<usize>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    record(&st, &method, &uri, &headers, peer);
+    st.finished_writing.store(false, Ordering::SeqCst);
+    let ctype = query_param(&uri, "type")
+        .unwrap_or("application/json")
+        .replace("%2F", "/");
+    let with_length = query_param(&uri, "cl") != Some("0");
+    let data = bytes::Bytes::from(compressible(n));
+    let chunks: Vec<bytes::Bytes> = (0..n)
+        .step_by(16 * 1024)
+        .map(|off| data.slice(off..(off + 16 * 1024).min(n)))
+        .collect();
+    let last = chunks.len().saturating_sub(1);
+    let state = st.clone();
+    // hyper stops polling a body once Content-Length bytes went out, so the flag is
+    // set when the last chunk is taken: everything before it was already written
+    let stream = futures_util::stream::iter(chunks.into_iter().enumerate().map(move |(i, c)| {
+        if i == last {
+            state.finished_writing.store(true, Ordering::SeqCst);
+        }
+        Ok::<_, std::io::Error>(c)
+    }));
+    let mut builder = Response::builder()
+        .header("content-type", ctype)
+        .header("x-origin", st.name.clone());
+    if with_length {
+        builder = builder.header("content-length", n);
+    }
+    builder
+        .body(axum::body::Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+async fn sse(
+    State(st): State<Arc<OriginState>>,
+    Path((count, ms)): Path<(usize, u64)>,
+) -> Response {
+    st.finished_writing.store(false, Ordering::SeqCst);
+    let state = st.clone();
+    let events = futures_util::stream::unfold(0usize, move |i| async move {
+        if i == count {
+            return None;
+        }
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        Some((
+            Ok::<_, std::io::Error>(bytes::Bytes::from(format!("data: token {i}\n\n"))),
+            i + 1,
+        ))
+    })
+    .chain(futures_util::stream::once(async move {
+        state.finished_writing.store(true, Ordering::SeqCst);
+        Ok(bytes::Bytes::new())
+    }));
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(axum::body::Body::from_stream(events))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+async fn upload(
+    State(st): State<Arc<OriginState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    record(&st, &method, &uri, &headers, peer);
+    st.uploads.lock().push(body.to_vec());
+    format!("{}", body.len()).into_response()
+}
+
+async fn fixed(
+    State(st): State<Arc<OriginState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    record(&st, &method, &uri, &headers, peer);
+    let mut b = Response::builder().header("content-type", "application/json");
+    for (param, header) in [
+        ("etag", "etag"),
+        ("vary", "vary"),
+        ("cc", "cache-control"),
+        ("ce", "content-encoding"),
+        ("xab", "x-accel-buffering"),
+    ] {
+        if let Some(v) = query_param(&uri, param) {
+            b = b.header(
+                header,
+                v.replace("%22", "\"")
+                    .replace("%20", " ")
+                    .replace("%2C", ","),
+            );
+        }
+    }
+    b.body(axum::body::Body::from(compressible(4096)))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
