@@ -89,23 +89,29 @@ pub async fn serve_with(
             source,
         };
         let client = redis::Client::open(url.as_str()).map_err(rerr)?;
+        let op = settings.redis.op_timeout;
         let cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)));
+            .set_connection_timeout(Some(op))
+            .set_response_timeout(Some(op))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
         let conn = client.get_connection_manager_with_config(cfg).await.map_err(rerr)?;
-        Some((client, conn))
+        let gate = Arc::new(cache::RedisGate::new(op, settings.redis.retry_after));
+        Some((client, conn, gate))
     } else {
         None
     };
     let bus: Arc<dyn EventBus> = match (&redis, options.bus) {
-        (Some((client, conn)), _) => {
-            Arc::new(bus::RedisBus::connect(client.clone(), conn.clone(), &settings.redis.prefix).await?)
+        (Some((client, conn, gate)), _) => {
+            Arc::new(bus::RedisBus::connect(client.clone(), conn.clone(), gate.clone(), &settings.redis.prefix).await?)
         }
         (None, Some(shared)) => shared,
         (None, None) => Arc::new(InProcessBus::new()),
     };
     let cache = Arc::new(match &redis {
-        Some((_, conn)) => cache::QueryCache::redis(conn.clone(), &settings.redis.prefix, settings.cache.ttl),
+        Some((_, conn, gate)) => {
+            cache::QueryCache::redis(conn.clone(), gate.clone(), &settings.redis.prefix, settings.cache.ttl)
+        }
         None => cache::QueryCache::moka(settings.cache.max_entries, settings.cache.ttl),
     });
     let model = llm::from_settings(&settings.llm)?;
@@ -139,7 +145,7 @@ pub async fn serve_with(
         cache,
         bus: bus.clone(),
         queues,
-        redis: redis.map(|(_, c)| c),
+        redis: redis.map(|(_, c, _)| c),
         metrics,
         shutdown: stop.clone(),
         ws_tasks: TaskTracker::new(),

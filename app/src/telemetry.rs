@@ -84,7 +84,8 @@ impl<S: tracing::Subscriber> Layer<S> for QueryCounter {
         event.record(&mut sql);
         let text = sql.0.to_ascii_lowercase();
         // apalis tables (`Jobs`, `Workers`, `apalis.*`) and migration bookkeeping
-        if text.starts_with("pragma") || text.contains("jobs")
+        if text.starts_with("pragma")
+            || text.contains("jobs")
             || text.contains("workers")
             || text.contains("apalis")
             || text.contains("_sqlx_migrations")

@@ -26,7 +26,10 @@ use wingman_app::Options;
 enum Behaviour {
     Status(u16),
     /// Stream these deltas, then `[DONE]`, or break the connection after them.
-    Stream { deltas: Vec<&'static str>, cut: bool },
+    Stream {
+        deltas: Vec<&'static str>,
+        cut: bool,
+    },
     /// Send headers, then nothing.
     Hang,
 }
@@ -40,7 +43,8 @@ struct Fake {
 }
 
 fn sse(delta: &str) -> Bytes {
-    let chunk = json!({"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": delta}}]});
+    let chunk =
+        json!({"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": delta}}]});
     Bytes::from(format!("data: {chunk}\n\n"))
 }
 
@@ -51,15 +55,23 @@ async fn completions(State(fake): State<Arc<Fake>>, headers: HeaderMap, Json(bod
         fake.auth.lock().expect("lock").push(a.to_string());
     }
     let next = fake.script.lock().expect("lock").pop_front();
-    let behaviour = next.unwrap_or(Behaviour::Stream { deltas: vec!["Hel", "lo", " world"], cut: false });
+    let behaviour = next.unwrap_or(Behaviour::Stream {
+        deltas: vec!["Hel", "lo", " world"],
+        cut: false,
+    });
     let sse_headers = [("content-type", "text/event-stream")];
     match behaviour {
         Behaviour::Status(code) => (StatusCode::from_u16(code).expect("status"), "upstream says no").into_response(),
-        Behaviour::Hang => (sse_headers, Body::from_stream(futures::stream::pending::<Result<Bytes, std::io::Error>>())).into_response(),
+        Behaviour::Hang => (
+            sse_headers,
+            Body::from_stream(futures::stream::pending::<Result<Bytes, std::io::Error>>()),
+        )
+            .into_response(),
         Behaviour::Stream { deltas, cut } => {
             // a role-only first chunk, like the real API
-            let mut items: Vec<Result<Bytes, std::io::Error>> =
-                vec![Ok(Bytes::from("data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\n"))];
+            let mut items: Vec<Result<Bytes, std::io::Error>> = vec![Ok(Bytes::from(
+                "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\n",
+            ))];
             items.extend(deltas.iter().map(|d| Ok(sse(d))));
             let head = futures::stream::iter(items);
             if cut {
@@ -78,8 +90,13 @@ async fn completions(State(fake): State<Arc<Fake>>, headers: HeaderMap, Json(bod
 }
 
 async fn start_fake(script: Vec<Behaviour>) -> (String, Arc<Fake>) {
-    let fake = Arc::new(Fake { script: Mutex::new(script.into()), ..Default::default() });
-    let app = Router::new().route("/v1/chat/completions", post(completions)).with_state(fake.clone());
+    let fake = Arc::new(Fake {
+        script: Mutex::new(script.into()),
+        ..Default::default()
+    });
+    let app = Router::new()
+        .route("/v1/chat/completions", post(completions))
+        .with_state(fake.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
@@ -101,14 +118,32 @@ fn settings(base: &str) -> LlmSettings {
 }
 
 fn prompt() -> ChatRequest {
-    ChatRequest { messages: vec![ChatMessage { role: "user".into(), content: "hi".into() }] }
+    ChatRequest {
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            content: "hi".into(),
+        }],
+    }
 }
 
 #[tokio::test]
 async fn streams_tokens_and_retries_only_before_the_first_token() {
-    let (base, fake) = start_fake(vec![Behaviour::Status(503), Behaviour::Stream { deltas: vec!["Hel", "lo", " world"], cut: false }]).await;
+    let (base, fake) = start_fake(vec![
+        Behaviour::Status(503),
+        Behaviour::Stream {
+            deltas: vec!["Hel", "lo", " world"],
+            cut: false,
+        },
+    ])
+    .await;
     let client = OpenAiCompatible::new(&settings(&base)).expect("client");
-    let tokens: Vec<String> = client.stream(prompt()).await.expect("stream").map(|t| t.expect("token")).collect().await;
+    let tokens: Vec<String> = client
+        .stream(prompt())
+        .await
+        .expect("stream")
+        .map(|t| t.expect("token"))
+        .collect()
+        .await;
     assert_eq!(tokens, vec!["Hel", "lo", " world"]);
     assert_eq!(fake.requests.load(Ordering::SeqCst), 2, "one retry after the 503");
     let body = fake.bodies.lock().expect("lock")[0].clone();
@@ -120,7 +155,11 @@ async fn streams_tokens_and_retries_only_before_the_first_token() {
 
 #[tokio::test]
 async fn a_break_after_the_first_token_is_reported_not_retried() {
-    let (base, fake) = start_fake(vec![Behaviour::Stream { deltas: vec!["partial"], cut: true }]).await;
+    let (base, fake) = start_fake(vec![Behaviour::Stream {
+        deltas: vec!["partial"],
+        cut: true,
+    }])
+    .await;
     let client = OpenAiCompatible::new(&settings(&base)).expect("client");
     let items: Vec<Result<String, LlmError>> = client.stream(prompt()).await.expect("stream").collect().await;
     assert_eq!(items.len(), 2, "{items:?}");
@@ -140,9 +179,17 @@ async fn client_errors_are_not_retried_and_server_errors_give_up_after_max_attem
     }
     assert_eq!(fake.requests.load(Ordering::SeqCst), 1);
 
-    let (base, fake) = start_fake(vec![Behaviour::Status(500), Behaviour::Status(502), Behaviour::Status(503)]).await;
+    let (base, fake) = start_fake(vec![
+        Behaviour::Status(500),
+        Behaviour::Status(502),
+        Behaviour::Status(503),
+    ])
+    .await;
     let client = OpenAiCompatible::new(&settings(&base)).expect("client");
-    assert!(matches!(client.stream(prompt()).await, Err(LlmError::Status { status: 503, .. })));
+    assert!(matches!(
+        client.stream(prompt()).await,
+        Err(LlmError::Status { status: 503, .. })
+    ));
     assert_eq!(fake.requests.load(Ordering::SeqCst), 3);
 }
 
@@ -153,7 +200,10 @@ async fn a_silent_server_times_out_before_the_first_token() {
     s.max_attempts = 2;
     s.first_token_timeout = Duration::from_millis(200);
     let client = OpenAiCompatible::new(&s).expect("client");
-    assert!(matches!(client.stream(prompt()).await, Err(LlmError::FirstTokenTimeout(_))));
+    assert!(matches!(
+        client.stream(prompt()).await,
+        Err(LlmError::FirstTokenTimeout(_))
+    ));
     assert_eq!(fake.requests.load(Ordering::SeqCst), 2);
 }
 
@@ -167,13 +217,25 @@ async fn the_app_streams_an_openai_reply_over_websocket_and_persists_it() {
     let (token, _) = app.register("oscar").await;
     let conv = app.new_conversation(&token, "real model").await;
     let mut ws = app.ws(&token).await;
-    let id = app.post_message(&token, conv, "tell me something").await["message"]["id"].as_i64().expect("id");
+    let id = app.post_message(&token, conv, "tell me something").await["message"]["id"]
+        .as_i64()
+        .expect("id");
     let (streamed, last) = await_reply(&mut ws, id).await;
     assert_eq!(streamed, "Hello world");
     assert_eq!(last["content"], "Hello world");
     assert_eq!(fake.requests.load(Ordering::SeqCst), 2, "429 retried once");
-    assert_eq!(fake.bodies.lock().expect("lock")[1]["messages"][0]["content"], "tell me something");
-    let (_, v) = app.call("GET", &format!("/api/conversations/{conv}/messages"), Some(&token), None).await;
+    assert_eq!(
+        fake.bodies.lock().expect("lock")[1]["messages"][0]["content"],
+        "tell me something"
+    );
+    let (_, v) = app
+        .call(
+            "GET",
+            &format!("/api/conversations/{conv}/messages"),
+            Some(&token),
+            None,
+        )
+        .await;
     assert_eq!(v["messages"][1]["content"], "Hello world");
     app.stop().await;
 }

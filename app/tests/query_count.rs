@@ -20,9 +20,16 @@ async fn queries_for(counter: &QueryCounter, app: &TestApp, token: &str, path: &
 }
 
 async fn import(app: &TestApp, token: &str, n_messages: usize) -> i64 {
-    let messages: Vec<_> = (0..n_messages).map(|i| json!({"role": "user", "content": format!("message {i}")})).collect();
+    let messages: Vec<_> = (0..n_messages)
+        .map(|i| json!({"role": "user", "content": format!("message {i}")}))
+        .collect();
     let (s, v) = app
-        .call("POST", "/api/conversations/import", Some(token), Some(json!({"title": "c", "messages": messages})))
+        .call(
+            "POST",
+            "/api/conversations/import",
+            Some(token),
+            Some(json!({"title": "c", "messages": messages})),
+        )
         .await;
     assert_eq!(s, 201, "{v}");
     v["conversation"]["id"].as_i64().expect("id")
@@ -50,7 +57,10 @@ async fn check(counter: &QueryCounter, backend: Backend) {
     assert_eq!(v["conversations"][0]["message_count"], 25);
 
     eprintln!("{backend:?}: list {small_list} -> {big_list} statements (cached: {cached_list}); messages {small_msgs} -> {big_msgs}");
-    assert!(small_list >= 1, "the counter saw no statement: is sqlx::query logging reaching it?");
+    assert!(
+        small_list >= 1,
+        "the counter saw no statement: is sqlx::query logging reaching it?"
+    );
     assert_eq!(small_list, big_list, "conversation list statements grew with the data");
     assert_eq!(big_list, 1, "the conversation list must be one query");
     assert_eq!(cached_list, 0, "a repeated list must come from the cache");
@@ -64,7 +74,11 @@ async fn check(counter: &QueryCounter, backend: Backend) {
 async fn list_requests_run_a_constant_number_of_queries() {
     let counter = QueryCounter::new();
     tracing_subscriber::registry()
-        .with(counter.clone().with_filter(Targets::new().with_target("sqlx::query", tracing::Level::TRACE)))
+        .with(
+            counter
+                .clone()
+                .with_filter(Targets::new().with_target("sqlx::query", tracing::Level::TRACE)),
+        )
         .init();
     check(&counter, Backend::Sqlite).await;
     check(&counter, Backend::Postgres).await;

@@ -52,8 +52,10 @@ pub enum Event {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
-    #[error("redis publish failed: {0}")]
+    #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("redis unavailable; event not published")]
+    Unavailable,
     #[error("event encoding failed: {0}")]
     Encode(#[from] serde_json::Error),
 }
@@ -108,6 +110,7 @@ impl EventBus for InProcessBus {
 /// Redis pub/sub: every instance publishes to and subscribes to one channel.
 pub struct RedisBus {
     conn: redis::aio::ConnectionManager,
+    gate: Arc<crate::cache::RedisGate>,
     channel: String,
     local: broadcast::Sender<Arc<Envelope>>,
     task: tokio::task::JoinHandle<()>,
@@ -118,6 +121,7 @@ impl RedisBus {
     pub async fn connect(
         client: redis::Client,
         conn: redis::aio::ConnectionManager,
+        gate: Arc<crate::cache::RedisGate>,
         prefix: &str,
     ) -> Result<Self, BusError> {
         let channel = format!("{prefix}wingman:events");
@@ -127,6 +131,7 @@ impl RedisBus {
         let task = tokio::spawn(run_subscriber(client, channel.clone(), local.clone(), first));
         Ok(Self {
             conn,
+            gate,
             channel,
             local,
             task,
@@ -198,20 +203,14 @@ impl EventBus for RedisBus {
     async fn publish(&self, envelope: &Envelope) -> Result<(), BusError> {
         let payload = serde_json::to_vec(envelope)?;
         let mut conn = self.conn.clone();
-        let res: Result<i64, _> = redis::cmd("PUBLISH")
-            .arg(&self.channel)
-            .arg(payload)
-            .query_async(&mut conn)
-            .await;
-        match res {
-            Ok(_) => {
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(&self.channel).arg(payload);
+        match self.gate.run("publish", cmd.query_async::<i64>(&mut conn)).await {
+            Some(_) => {
                 metrics::counter!("pubsub_messages_total", "direction" => "out").increment(1);
                 Ok(())
             }
-            Err(e) => {
-                metrics::counter!("redis_errors_total", "op" => "publish").increment(1);
-                Err(e.into())
-            }
+            None => Err(BusError::Unavailable),
         }
     }
     fn subscribe(&self) -> broadcast::Receiver<Arc<Envelope>> {

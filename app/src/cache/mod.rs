@@ -7,7 +7,8 @@
 //! the event bus invalidate on the bus events (see [`QueryCache::on_event`]). A Redis
 //! failure degrades to a miss (the database answers) and is counted.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::future::Future;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,10 +17,52 @@ use serde::Serialize;
 
 use crate::bus::{Envelope, Event};
 
+/// Fails Redis operations fast while Redis is known to be down (a small circuit breaker
+/// shared by the cache and the bus), so requests never queue behind a dead server.
+#[derive(Debug)]
+pub struct RedisGate {
+    down_until_ms: AtomicI64,
+    op_timeout: Duration,
+    retry_after: Duration,
+}
+
+impl RedisGate {
+    pub fn new(op_timeout: Duration, retry_after: Duration) -> Self {
+        Self {
+            down_until_ms: AtomicI64::new(0),
+            op_timeout,
+            retry_after,
+        }
+    }
+
+    /// Runs `f` unless Redis failed within `retry_after`; `None` on any failure.
+    pub async fn run<T>(&self, op: &'static str, f: impl Future<Output = redis::RedisResult<T>>) -> Option<T> {
+        let now = crate::store::now_ms();
+        if now < self.down_until_ms.load(Ordering::Relaxed) {
+            return None;
+        }
+        match tokio::time::timeout(self.op_timeout, f).await {
+            Ok(Ok(v)) => Some(v),
+            other => {
+                if let Ok(Err(e)) = other {
+                    tracing::warn!(op, error = %e, "redis operation failed");
+                } else {
+                    tracing::warn!(op, "redis operation timed out");
+                }
+                metrics::counter!("redis_errors_total", "op" => op).increment(1);
+                self.down_until_ms
+                    .store(now + self.retry_after.as_millis() as i64, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+}
+
 enum Backend {
     Moka(moka::future::Cache<String, Arc<[u8]>>),
     Redis {
         conn: redis::aio::ConnectionManager,
+        gate: Arc<RedisGate>,
         prefix: String,
         ttl: Duration,
     },
@@ -57,9 +100,10 @@ impl QueryCache {
         ))
     }
 
-    pub fn redis(conn: redis::aio::ConnectionManager, prefix: &str, ttl: Duration) -> Self {
+    pub fn redis(conn: redis::aio::ConnectionManager, gate: Arc<RedisGate>, prefix: &str, ttl: Duration) -> Self {
         Self::with(Backend::Redis {
             conn,
+            gate,
             prefix: format!("{prefix}wingman:cache:"),
             ttl,
         })
@@ -101,20 +145,13 @@ impl QueryCache {
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
         let bytes: Option<Vec<u8>> = match &self.backend {
             Backend::Moka(c) => c.get(key).await.map(|b| b.to_vec()),
-            Backend::Redis { conn, prefix, .. } => {
+            Backend::Redis { conn, gate, prefix, .. } => {
                 let mut conn = conn.clone();
-                match redis::cmd("GET")
-                    .arg(format!("{prefix}{key}"))
-                    .query_async::<Option<Vec<u8>>>(&mut conn)
+                let mut cmd = redis::cmd("GET");
+                cmd.arg(format!("{prefix}{key}"));
+                gate.run("cache_get", cmd.query_async::<Option<Vec<u8>>>(&mut conn))
                     .await
-                {
-                    Ok(v) => v,
-                    Err(e) => {
-                        metrics::counter!("redis_errors_total", "op" => "cache_get").increment(1);
-                        tracing::debug!(error = %e, "cache get failed");
-                        None
-                    }
-                }
+                    .flatten()
             }
         };
         let value = bytes.and_then(|b| serde_json::from_slice(&b).ok());
@@ -126,18 +163,19 @@ impl QueryCache {
         let Ok(bytes) = serde_json::to_vec(value) else { return };
         match &self.backend {
             Backend::Moka(c) => c.insert(key.to_string(), Arc::from(bytes)).await,
-            Backend::Redis { conn, prefix, ttl } => {
+            Backend::Redis {
+                conn,
+                gate,
+                prefix,
+                ttl,
+            } => {
                 let mut conn = conn.clone();
-                let res: Result<(), _> = redis::cmd("SET")
-                    .arg(format!("{prefix}{key}"))
+                let mut cmd = redis::cmd("SET");
+                cmd.arg(format!("{prefix}{key}"))
                     .arg(bytes)
                     .arg("PX")
-                    .arg(ttl.as_millis() as u64)
-                    .query_async(&mut conn)
-                    .await;
-                if res.is_err() {
-                    metrics::counter!("redis_errors_total", "op" => "cache_put").increment(1);
-                }
+                    .arg(ttl.as_millis() as u64);
+                gate.run("cache_put", cmd.query_async::<()>(&mut conn)).await;
             }
         }
     }
@@ -149,15 +187,14 @@ impl QueryCache {
                     c.invalidate(k).await;
                 }
             }
-            Backend::Redis { conn, prefix, .. } => {
+            Backend::Redis { conn, gate, prefix, .. } => {
                 let mut conn = conn.clone();
                 let mut cmd = redis::cmd("DEL");
                 for k in keys {
                     cmd.arg(format!("{prefix}{k}"));
                 }
-                if cmd.query_async::<i64>(&mut conn).await.is_err() {
-                    metrics::counter!("redis_errors_total", "op" => "cache_del").increment(1);
-                }
+                // A failed delete leaves an entry that expires after `cache.ttl`.
+                gate.run("cache_del", cmd.query_async::<i64>(&mut conn)).await;
             }
         }
     }

@@ -98,13 +98,30 @@ impl Default for DatabaseSettings {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisSettings {
     /// `redis://host:port/db`; empty disables Redis (in-process cache and fan-out).
     pub url: String,
     /// Prefix of every key and channel, so several deployments can share one Redis.
     pub prefix: String,
+    /// A cache or publish operation slower than this counts as a Redis failure.
+    #[serde(with = "humantime_serde")]
+    pub op_timeout: Duration,
+    /// After a failure, Redis is skipped (cache misses, events not published) this long.
+    #[serde(with = "humantime_serde")]
+    pub retry_after: Duration,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            prefix: String::new(),
+            op_timeout: Duration::from_millis(500),
+            retry_after: Duration::from_secs(1),
+        }
+    }
 }
 
 impl RedisSettings {

@@ -144,23 +144,43 @@ fn retry_policy(retries: usize) -> BackoffRetryPolicy<ExponentialBackoff<HasherR
     RetryPolicy::retries(retries).with_backoff(backoff.expect("constant backoff bounds are valid"))
 }
 
+/// Builds a worker and runs it until `stop`; a worker that dies (e.g. the database went
+/// away and apalis marked its backend dead) is rebuilt after a backoff, so queues resume
+/// by themselves when the database comes back. `$backend` is evaluated per (re)start.
 macro_rules! spawn_worker {
     ($name:expr, $backend:expr, $handler:expr, $concurrency:expr, $timeout:expr, $retries:expr, $ctx:expr, $stop:expr) => {{
-        let worker = WorkerBuilder::new($name)
-            .backend($backend)
-            .retry(retry_policy($retries))
-            .timeout($timeout)
-            .concurrency($concurrency)
-            .data($ctx)
-            .build($handler);
         let stop: CancellationToken = $stop;
+        let name: String = $name;
+        let ctx = $ctx;
+        let make_backend = $backend;
+        let (concurrency, timeout, retries): (usize, Duration, usize) = ($concurrency, $timeout, $retries);
         tokio::spawn(async move {
-            let signal = async move {
-                stop.cancelled().await;
-                Ok::<(), std::io::Error>(())
-            };
-            if let Err(e) = worker.run_until(signal).await {
-                tracing::error!(error = %e, "job worker stopped with an error");
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                let worker = WorkerBuilder::new(name.clone())
+                    .backend(make_backend())
+                    .concurrency(concurrency)
+                    .retry(retry_policy(retries))
+                    .timeout(timeout)
+                    .data(ctx.clone())
+                    .build($handler);
+                let signal_stop = stop.clone();
+                let signal = async move {
+                    signal_stop.cancelled().await;
+                    Ok::<(), std::io::Error>(())
+                };
+                match worker.run_until(signal).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        metrics::counter!("job_worker_restarts_total").increment(1);
+                        tracing::error!(worker = %name, error = %e, "job worker died; restarting");
+                    }
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         })
     }};
@@ -197,7 +217,10 @@ pub async fn start(
             .interval(settings.poll_interval);
         handles.push(spawn_worker!(
             format!("ai-{instance}"),
-            ai.clone().poll_with_strategy(ai_strategy),
+            {
+                let (ai, st) = (ai.clone(), ai_strategy);
+                move || ai.clone().poll_with_strategy(st.clone())
+            },
             run_ai,
             settings.ai_concurrency,
             settings.ai_timeout,
@@ -207,7 +230,10 @@ pub async fn start(
         ));
         handles.push(spawn_worker!(
             format!("heavy-{instance}"),
-            heavy.clone().poll_with_strategy(heavy_strategy),
+            {
+                let (heavy, st) = (heavy.clone(), heavy_strategy);
+                move || heavy.clone().poll_with_strategy(st.clone())
+            },
             run_export,
             settings.heavy_concurrency,
             settings.heavy_timeout,
@@ -237,7 +263,10 @@ pub async fn start(
         let heavy = PostgresStorage::<ExportJob>::new(&pool).with_config(heavy_cfg);
         handles.push(spawn_worker!(
             format!("ai-{instance}"),
-            ai.clone().with_pubsub(),
+            {
+                let ai = ai.clone();
+                move || ai.clone().with_pubsub()
+            },
             run_ai,
             settings.ai_concurrency,
             settings.ai_timeout,
@@ -247,7 +276,10 @@ pub async fn start(
         ));
         handles.push(spawn_worker!(
             format!("heavy-{instance}"),
-            heavy.clone().with_pubsub(),
+            {
+                let heavy = heavy.clone();
+                move || heavy.clone().with_pubsub()
+            },
             run_export,
             settings.heavy_concurrency,
             settings.heavy_timeout,

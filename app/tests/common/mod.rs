@@ -111,6 +111,9 @@ pub struct TestApp {
 impl TestApp {
     /// Starts an instance and waits until `/readyz` answers 200.
     pub async fn start(settings: Settings, options: Options) -> TestApp {
+        if std::env::var_os("WINGMAN_TEST_LOG").is_some() {
+            wingman_app::telemetry::init_logging();
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
