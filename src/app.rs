@@ -18,6 +18,7 @@ use signal_hook::consts::SIGHUP;
 use signal_hook::iterator::Signals;
 
 use crate::admin::Admin;
+use crate::cache::store::{CacheStore, StoreConfig};
 use crate::config::Config;
 use crate::listener::EdgeApp;
 use crate::metrics::Metrics;
@@ -43,6 +44,8 @@ pub enum StartError {
     Signal(std::io::Error),
     #[error("cannot start a runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("cannot open the cache: {0}")]
+    Cache(std::io::Error),
 }
 
 /// Loads and fully builds the configuration without starting anything (the `check`
@@ -77,6 +80,17 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
         metrics.clone(),
     ))?;
     metrics.reloads.with_label_values(&["ok"]).inc();
+    let cache = rt
+        .block_on(CacheStore::open(&StoreConfig {
+            memory_bytes: cfg.cache.memory.get() as usize,
+            max_object_bytes: cfg.cache.max_object.get() as usize,
+            disk: cfg
+                .cache
+                .disk_dir
+                .clone()
+                .map(|d| (d, cfg.cache.disk_max.get())),
+        }))
+        .map_err(StartError::Cache)?;
 
     let conf = server_conf(&cfg, opts.daemon);
     let opt = Opt {
@@ -100,6 +114,7 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
             Edge {
                 snapshots: reloader.snapshots.clone(),
                 metrics: metrics.clone(),
+                cache: Some(cache),
             },
             server_conf.clone(),
         );
@@ -129,6 +144,7 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
         Admin {
             snapshots: reloader.snapshots.clone(),
             metrics: metrics.clone(),
+            cache: Some(cache),
         },
     );
     admin.add_tcp(&cfg.admin.address);

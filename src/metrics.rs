@@ -44,6 +44,12 @@ pub struct Metrics {
     pub buffered_requests: IntCounterVec,
     pub buffer_spills: IntCounterVec,
     pub body_too_large: IntCounter,
+    pub cache_lookups: IntCounterVec,
+    pub cache_purges: IntCounterVec,
+    pub cache_lock_waits: IntCounter,
+    pub cache_bytes: IntGauge,
+    pub cache_objects: IntGauge,
+    pub cache_evictions: IntGauge,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -187,6 +193,32 @@ impl Metrics {
             body_too_large: reg!(IntCounter::new(
                 "wingman_edge_request_body_too_large_total",
                 "Requests answered 413 for a body above client_max_body_size"
+            )),
+            cache_lookups: reg!(counter(
+                "wingman_edge_cache_lookups_total",
+                "Cache lookups by result (hit, stale, miss, expired, bypass, uncacheable)",
+                &["result"]
+            )),
+            cache_purges: reg!(counter(
+                "wingman_edge_cache_purges_total",
+                "Cached responses removed, by cause (admin, invalidation)",
+                &["cause"]
+            )),
+            cache_lock_waits: reg!(IntCounter::new(
+                "wingman_edge_cache_lock_waits_total",
+                "Requests that waited for another request's origin fetch of the same key"
+            )),
+            cache_bytes: reg!(IntGauge::new(
+                "wingman_edge_cache_bytes",
+                "Bytes of responses stored in the cache"
+            )),
+            cache_objects: reg!(IntGauge::new(
+                "wingman_edge_cache_objects",
+                "Responses stored in the cache"
+            )),
+            cache_evictions: reg!(IntGauge::new(
+                "wingman_edge_cache_evictions",
+                "Responses evicted from the cache since start"
             )),
             registry,
         }

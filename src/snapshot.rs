@@ -14,6 +14,7 @@ use arc_swap::ArcSwap;
 use http::{HeaderName, HeaderValue};
 
 use crate::buffer::{ResponseBuffering, SpoolLimits};
+use crate::cache::policy::CachePolicy;
 use crate::compress::{Coding, Levels, TypeSet};
 use crate::config::{self, Config, ServerAddress};
 use crate::route::Router;
@@ -66,6 +67,7 @@ pub struct RouteSnap {
     pub compression: Option<CompressionPolicy>,
     pub request_buffering: RequestBuffering,
     pub response_buffering: Option<ResponseBuffering>,
+    pub cache: Option<CachePolicy>,
 }
 
 /// Client-side limits.
@@ -204,6 +206,7 @@ impl Snapshot {
                     max_body: r.buffering.client_max_body_size.get(),
                     memory: r.buffering.request_memory.get() as usize,
                 },
+                cache: cache_policy(&r.cache),
                 response_buffering: r.buffering.response.then(|| ResponseBuffering {
                     limits: SpoolLimits {
                         memory: r.buffering.response_memory.get() as usize,
@@ -249,6 +252,33 @@ impl Snapshot {
     pub fn pool(&self, name: &str) -> Option<&Pool> {
         self.pools.iter().find(|p| p.name == name)
     }
+}
+
+fn cache_policy(c: &config::RouteCache) -> Option<CachePolicy> {
+    if !c.enabled {
+        return None;
+    }
+    let names = |v: &[String]| -> Vec<HeaderName> {
+        v.iter()
+            .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
+            .collect()
+    };
+    let secs = |d: Option<config::HumanDuration>| d.map_or(0, |d| d.get().as_secs() as u32);
+    Some(CachePolicy {
+        key_headers: names(&c.key_headers),
+        key_cookies: c.key_cookies.clone(),
+        ignore_query: c.ignore_query_params.clone(),
+        max_ttl: c.max_ttl.map(|d| d.get()),
+        default_ttl: c.default_ttl.map(|d| d.get()).filter(|d| !d.is_zero()),
+        stale_while_revalidate: secs(c.stale_while_revalidate),
+        stale_if_error: secs(c.stale_if_error),
+        store_set_cookie: c.store_set_cookie,
+        bypass_cookies: c.bypass_cookies.clone(),
+        bypass_headers: names(&c.bypass_headers),
+        lock_timeout: c
+            .lock_timeout
+            .map_or(config::DEFAULT_CACHE_LOCK_TIMEOUT, |d| d.get()),
+    })
 }
 
 fn compression_policy(c: &config::Compression) -> Option<CompressionPolicy> {

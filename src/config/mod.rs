@@ -94,6 +94,36 @@ pub struct Config {
     pub upstreams: Vec<Upstream>,
     #[serde(default)]
     pub routes: Vec<Route>,
+    #[serde(default)]
+    pub cache: CacheSection,
+}
+
+/// The response cache's storage (shared by every route that caches). Set at start:
+/// a reload keeps the storage and its contents.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CacheSection {
+    /// Memory for cached responses, in bytes.
+    #[serde(default = "default_cache_memory")]
+    pub memory: ByteSize,
+    /// Largest response stored.
+    #[serde(default = "default_cache_max_object")]
+    pub max_object: ByteSize,
+    /// Directory of the disk tier (absent: memory only).
+    pub disk_dir: Option<PathBuf>,
+    /// Size limit of the disk tier.
+    #[serde(default = "default_cache_disk_max")]
+    pub disk_max: ByteSize,
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        CacheSection {
+            memory: default_cache_memory(),
+            max_object: default_cache_max_object(),
+            disk_dir: None,
+            disk_max: default_cache_disk_max(),
+        }
+    }
 }
 
 /// Process-wide settings. Changing them needs a restart or a binary upgrade.
@@ -348,6 +378,44 @@ pub struct Route {
     pub compression: Compression,
     #[serde(default)]
     pub buffering: Buffering,
+    #[serde(default)]
+    pub cache: RouteCache,
+}
+
+/// Response caching of a route (RFC 9111 shared cache).
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct RouteCache {
+    /// Use the cache for GET and HEAD on this route.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Request headers whose values join the cache key.
+    #[serde(default)]
+    pub key_headers: Vec<String>,
+    /// Cookies whose values join the cache key.
+    #[serde(default)]
+    pub key_cookies: Vec<String>,
+    /// Query parameters left out of the cache key.
+    #[serde(default)]
+    pub ignore_query_params: Vec<String>,
+    /// Upper bound on a stored response's freshness lifetime.
+    pub max_ttl: Option<HumanDuration>,
+    /// Lifetime of responses without freshness information (absent: not stored).
+    pub default_ttl: Option<HumanDuration>,
+    /// stale-while-revalidate when the response gives none.
+    pub stale_while_revalidate: Option<HumanDuration>,
+    /// stale-if-error when the response gives none.
+    pub stale_if_error: Option<HumanDuration>,
+    /// Store responses that set cookies.
+    #[serde(default)]
+    pub store_set_cookie: bool,
+    /// Requests with any of these cookies skip the cache.
+    #[serde(default)]
+    pub bypass_cookies: Vec<String>,
+    /// Requests with any of these headers skip the cache.
+    #[serde(default)]
+    pub bypass_headers: Vec<String>,
+    /// How long concurrent misses for one key wait for the single origin fetch.
+    pub lock_timeout: Option<HumanDuration>,
 }
 
 /// Response compression of a route.
@@ -587,6 +655,17 @@ fn default_response_memory() -> ByteSize {
 fn default_response_max_temp_file() -> ByteSize {
     ByteSize(1 << 30)
 }
+fn default_cache_memory() -> ByteSize {
+    ByteSize(256 << 20)
+}
+fn default_cache_max_object() -> ByteSize {
+    ByteSize(8 << 20)
+}
+fn default_cache_disk_max() -> ByteSize {
+    ByteSize(1 << 30)
+}
+/// Cache lock wait when the route sets none.
+pub const DEFAULT_CACHE_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 fn default_path_prefix() -> String {
     "/".into()
 }

@@ -186,6 +186,12 @@ pub fn validate(c: &Config) -> Vec<(KeyPath, String)> {
             out.push((client.key(key), "must be longer than 0s".into()));
         }
     }
+    if c.cache.max_object.get() == 0 || c.cache.max_object.get() > c.cache.memory.get() {
+        out.push((
+            root.key("cache").key("max_object"),
+            "must be above 0 and at most cache.memory".into(),
+        ));
+    }
     if c.server.threads == 0 {
         out.push((
             root.key("server").key("threads"),
@@ -370,6 +376,23 @@ pub fn validate(c: &Config) -> Vec<(KeyPath, String)> {
         let bp = rp.key("buffering");
         if r.buffering.client_max_body_size.get() == 0 {
             out.push((bp.key("client_max_body_size"), "must be above 0".into()));
+        }
+        let kp = rp.key("cache");
+        for (j, h) in r.cache.key_headers.iter().enumerate() {
+            if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                out.push((
+                    kp.key("key_headers").index(j),
+                    format!("{h:?} is not a valid header name"),
+                ));
+            }
+        }
+        for (j, h) in r.cache.bypass_headers.iter().enumerate() {
+            if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                out.push((
+                    kp.key("bypass_headers").index(j),
+                    format!("{h:?} is not a valid header name"),
+                ));
+            }
         }
         check_header_rules(&r.request_headers, &rp.key("request_headers"), &mut out);
         check_header_rules(&r.response_headers, &rp.key("response_headers"), &mut out);

@@ -28,15 +28,24 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType};
 
 use crate::buffer::{self, BufferedBody, Spool, SpoolError, SpoolLimits};
+use crate::cache::policy;
+use crate::cache::store::CacheStore;
 use crate::compress::{self, Encoder};
 use crate::metrics::{status_class, Metrics};
 use crate::snapshot::{CompressionPolicy, RequestBuffering, Snapshot, SnapshotHandle};
 use crate::upstream::{Lease, Unavailable};
+use pingora::cache::key::HashBinary;
+use pingora::cache::{
+    CacheKey, CacheMeta, CacheOptionOverrides, ForcedFreshness, HitHandler, NoCacheReason,
+    RespCacheable,
+};
 
 /// The proxy logic. Cheap to share: everything it holds is behind an `Arc`.
 pub struct Edge {
     pub snapshots: SnapshotHandle,
     pub metrics: Arc<Metrics>,
+    /// The response cache (created once at start, shared by every route that caches).
+    pub cache: Option<&'static CacheStore>,
 }
 
 /// Per-request state.
@@ -67,6 +76,18 @@ pub struct Ctx {
     no_buffering: bool,
     encoder: Option<Encoder>,
     buffer: Option<BufferedBody>,
+    /// The cache was enabled for this request.
+    cache_enabled: bool,
+    /// The route's bypass rules skipped the cache.
+    cache_bypassed: bool,
+    /// Why the response was not stored, when it was not.
+    cache_uncacheable: Option<&'static str>,
+    /// The response was admitted to the cache.
+    cache_stored: bool,
+    /// Primary cache key of this request.
+    cache_key: Option<String>,
+    /// Cache outcome for metrics, decided when the response header goes out.
+    cache_outcome: Option<policy::Outcome>,
 }
 
 impl Ctx {
@@ -110,17 +131,114 @@ impl Edge {
         }
     }
 
+    /// Sets `Cache-Status` (RFC 9211) and notes the outcome for metrics.
+    fn cache_status(&self, session: &Session, resp: &mut ResponseHeader, ctx: &mut Ctx) {
+        use pingora::cache::CachePhase;
+        let now = std::time::SystemTime::now();
+        let ttl = |c: &pingora::cache::HttpCache| -> Option<i64> {
+            let meta = c.maybe_cache_meta()?;
+            Some(match meta.fresh_until().duration_since(now) {
+                Ok(d) => d.as_secs() as i64,
+                Err(e) => -(e.duration().as_secs() as i64),
+            })
+        };
+        let c = &session.cache;
+        let (outcome, ttl) = if ctx.cache_bypassed {
+            (policy::Outcome::Bypass, None)
+        } else {
+            match c.phase() {
+                CachePhase::Hit => (policy::Outcome::Hit, ttl(c)),
+                CachePhase::StaleUpdating => (policy::Outcome::StaleWhileRevalidate, ttl(c)),
+                CachePhase::Stale => (policy::Outcome::StaleIfError, ttl(c)),
+                CachePhase::Expired => (policy::Outcome::Expired, None),
+                CachePhase::Revalidated | CachePhase::RevalidatedNoCache(_) => {
+                    (policy::Outcome::Revalidated, ttl(c))
+                }
+                CachePhase::Miss if ctx.cache_uncacheable.is_some() => {
+                    (policy::Outcome::Uncacheable, None)
+                }
+                CachePhase::Miss => (policy::Outcome::Miss, None),
+                _ => (policy::Outcome::Uncacheable, None),
+            }
+        };
+        let stored = ctx.cache_stored
+            && matches!(
+                outcome,
+                policy::Outcome::Miss | policy::Outcome::Expired | policy::Outcome::Revalidated
+            );
+        let detail = ctx.cache_uncacheable.or(match c.phase() {
+            CachePhase::Disabled(reason) => Some(reason.as_str()),
+            _ => None,
+        });
+        let value = policy::cache_status(outcome, ttl, stored, detail);
+        let _ = resp.insert_header("cache-status", value);
+        ctx.cache_outcome = Some(outcome);
+    }
+
+    /// A successful POST/PUT/DELETE/PATCH invalidates what is stored for its URI and
+    /// for the Location and Content-Location it names on the same host (RFC 9111 §4.4).
+    fn invalidate_after_unsafe_method(&self, session: &Session, status: u16, ctx: &Ctx) {
+        let Some(store) = self.cache else { return };
+        let Some(policy) = ctx.route.and_then(|i| ctx.snap.routes[i].cache.as_ref()) else {
+            return;
+        };
+        let req = session.req_header();
+        if req.method.is_safe() || !(200..400).contains(&status) {
+            return;
+        }
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        let scheme = if tls { "https" } else { "http" };
+        let host = headers::request_host(req).unwrap_or("").to_owned();
+        let mut keys = vec![policy::primary_key(scheme, &host, req, policy)];
+        if let Some(resp) = session.response_written() {
+            for name in [http::header::LOCATION, http::header::CONTENT_LOCATION] {
+                let Some(target) = resp.headers.get(&name).and_then(|v| v.to_str().ok()) else {
+                    continue;
+                };
+                let Ok(uri) = target.parse::<http::Uri>() else {
+                    continue;
+                };
+                if uri
+                    .authority()
+                    .is_some_and(|a| !a.as_str().eq_ignore_ascii_case(&host))
+                {
+                    continue; // another host: not ours to invalidate
+                }
+                if let Ok(other) = pingora::http::RequestHeader::build(
+                    "GET",
+                    uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes(),
+                    None,
+                ) {
+                    keys.push(policy::primary_key(scheme, &host, &other, policy));
+                }
+            }
+        }
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            for key in keys {
+                let n = store.invalidate(&key).await;
+                if n > 0 {
+                    metrics
+                        .cache_purges
+                        .with_label_values(&["invalidation"])
+                        .inc_by(n as u64);
+                }
+            }
+        });
+    }
+
     /// Decides compression for a response and rewrites its header accordingly.
     fn start_compression(
         &self,
         policy: &CompressionPolicy,
         status: u16,
+        head_only: bool,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) {
         if compress::eligible(
             status,
-            ctx.is_head,
+            head_only,
             ctx.has_range,
             &resp.headers,
             &policy.types,
@@ -282,6 +400,12 @@ impl ProxyHttp for Edge {
             no_buffering: false,
             encoder: None,
             buffer: None,
+            cache_enabled: false,
+            cache_bypassed: false,
+            cache_uncacheable: None,
+            cache_stored: false,
+            cache_key: None,
+            cache_outcome: None,
         }
     }
 
@@ -377,6 +501,143 @@ impl ProxyHttp for Edge {
         Ok(())
     }
 
+    fn request_cache_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        let (Some(store), Some(policy)) = (
+            self.cache,
+            ctx.route.and_then(|i| ctx.snap.routes[i].cache.as_ref()),
+        ) else {
+            return Ok(());
+        };
+        let req = session.req_header();
+        if !(req.method == http::Method::GET || req.method == http::Method::HEAD)
+            || session.is_upgrade_req()
+        {
+            return Ok(());
+        }
+        if policy::bypass(req, policy) {
+            ctx.cache_bypassed = true;
+            return Ok(());
+        }
+        let mut overrides = CacheOptionOverrides::default();
+        overrides.wait_timeout = Some(policy.lock_timeout);
+        session.cache.enable(
+            store.storage,
+            store.eviction,
+            None,
+            Some(store.lock),
+            Some(overrides),
+        );
+        session
+            .cache
+            .set_max_file_size_bytes(store.max_object_bytes);
+        ctx.cache_enabled = true;
+        Ok(())
+    }
+
+    fn cache_key_callback(&self, session: &Session, ctx: &mut Ctx) -> Result<CacheKey> {
+        let policy = ctx
+            .route
+            .and_then(|i| ctx.snap.routes[i].cache.as_ref())
+            .ok_or_else(|| edge_error(500, "cache enabled without a cache policy"))?;
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        let req = session.req_header();
+        let host = headers::request_host(req).unwrap_or("");
+        let key = policy::primary_key(if tls { "https" } else { "http" }, host, req, policy);
+        ctx.cache_key = Some(key.clone());
+        Ok(CacheKey::new(key, ""))
+    }
+
+    fn cache_vary_filter(
+        &self,
+        meta: &CacheMeta,
+        ctx: &mut Ctx,
+        req: &pingora::http::RequestHeader,
+    ) -> Option<HashBinary> {
+        let coding = ctx
+            .route
+            .and_then(|i| ctx.snap.routes[i].compression.as_ref())
+            .and_then(|c| {
+                compress::negotiate(ctx.accept_encoding.iter().map(String::as_str), &c.offered)
+            })
+            .map_or("identity", |c| c.token());
+        policy::variance(meta.response_header(), req, coding)
+    }
+
+    async fn cache_hit_filter(
+        &self,
+        session: &mut Session,
+        _meta: &CacheMeta,
+        _hit_handler: &mut HitHandler,
+        is_fresh: bool,
+        _ctx: &mut Ctx,
+    ) -> Result<Option<ForcedFreshness>> {
+        // a client asking for revalidation gets it (and no stale answer)
+        if is_fresh && policy::request_wants_revalidation(session.req_header()) {
+            return Ok(Some(ForcedFreshness::ForceExpired));
+        }
+        Ok(None)
+    }
+
+    fn response_cache_filter(
+        &self,
+        session: &Session,
+        resp: &ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<RespCacheable> {
+        let Some(policy) = ctx.route.and_then(|i| ctx.snap.routes[i].cache.as_ref()) else {
+            return Ok(RespCacheable::Uncacheable(NoCacheReason::NeverEnabled));
+        };
+        let auth = session
+            .req_header()
+            .headers
+            .contains_key(http::header::AUTHORIZATION);
+        match policy::decide(auth, resp, policy, std::time::SystemTime::now()) {
+            policy::Decision::Store {
+                fresh_until,
+                created,
+                stale_while_revalidate,
+                stale_if_error,
+                strip,
+            } => {
+                let mut header = resp.clone();
+                for name in &strip {
+                    header.remove_header(name.as_str());
+                }
+                ctx.cache_stored = true;
+                ctx.cache_uncacheable = None;
+                Ok(RespCacheable::Cacheable(CacheMeta::new(
+                    fresh_until,
+                    created,
+                    stale_while_revalidate,
+                    stale_if_error,
+                    header,
+                )))
+            }
+            policy::Decision::NoStore(why) => {
+                ctx.cache_stored = false;
+                ctx.cache_uncacheable = Some(why);
+                Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(why)))
+            }
+        }
+    }
+
+    fn should_serve_stale(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut Ctx,
+        error: Option<&Error>,
+    ) -> bool {
+        match error {
+            // stale-while-revalidate: pingora has checked the response's window
+            None => true,
+            // stale-if-error: the origin failed, answered 5xx, or every server is down
+            Some(e) => {
+                e.esource() == &ErrorSource::Upstream
+                    || matches!(e.etype(), ErrorType::HTTPStatus(code) if *code >= 500)
+            }
+        }
+    }
+
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         let snap = ctx.snap.clone();
         let Some(route) = ctx.route.map(|i| &snap.routes[i]) else {
@@ -456,7 +717,7 @@ impl ProxyHttp for Edge {
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
@@ -472,47 +733,21 @@ impl ProxyHttp for Edge {
             ctx.no_buffering = v.as_bytes().eq_ignore_ascii_case(b"no");
             resp.remove_header("x-accel-buffering");
         }
-        Ok(())
-    }
-
-    async fn response_filter(
-        &self,
-        session: &mut Session,
-        resp: &mut ResponseHeader,
-        ctx: &mut Ctx,
-    ) -> Result<()> {
-        if resp.status.as_u16() == 101 && !ctx.upgraded {
-            ctx.upgraded = true;
-            self.metrics.websockets_active.inc();
-        }
-        let _ = resp.insert_header(headers::X_REQUEST_ID, ctx.request_id.clone());
+        // Compression happens here, upstream of the cache: a cacheable response is
+        // stored compressed, once per negotiated coding (see cache_vary_filter), and a
+        // hit is never compressed again.
         let snap = ctx.snap.clone();
-        let Some(r) = ctx.route.map(|i| &snap.routes[i]) else {
-            return Ok(());
-        };
-        headers::apply_response_edits(resp, &r.response_headers);
-        if ctx.upgraded || session.is_upgrade_req() {
-            return Ok(());
-        }
-        let status = resp.status.as_u16();
-        if let Some(policy) = &r.compression {
-            self.start_compression(policy, status, resp, ctx);
-        }
-        let event_stream = resp
-            .headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(compress::is_event_stream);
-        if let Some(cfg) = &r.response_buffering {
-            let has_body = !ctx.is_head && status >= 200 && status != 204 && status != 304;
-            if has_body && !event_stream && !ctx.no_buffering {
-                ctx.buffer = Some(BufferedBody::new(cfg));
+        if let Some(policy) = ctx.route.and_then(|i| snap.routes[i].compression.as_ref()) {
+            if !session.is_upgrade_req() && resp.status.as_u16() != 101 {
+                let status = resp.status.as_u16();
+                let head_only = ctx.is_head && !session.cache.enabled();
+                self.start_compression(policy, status, head_only, resp, ctx);
             }
         }
         Ok(())
     }
 
-    fn response_body_filter(
+    fn upstream_response_body_filter(
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
@@ -537,6 +772,53 @@ impl ProxyHttp for Edge {
                     .inc_by(enc.bytes_out);
             }
         }
+        Ok(None)
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if resp.status.as_u16() == 101 && !ctx.upgraded {
+            ctx.upgraded = true;
+            self.metrics.websockets_active.inc();
+        }
+        let _ = resp.insert_header(headers::X_REQUEST_ID, ctx.request_id.clone());
+        let snap = ctx.snap.clone();
+        let Some(r) = ctx.route.map(|i| &snap.routes[i]) else {
+            return Ok(());
+        };
+        headers::apply_response_edits(resp, &r.response_headers);
+        if ctx.upgraded || session.is_upgrade_req() {
+            return Ok(());
+        }
+        let status = resp.status.as_u16();
+        if ctx.cache_enabled || ctx.cache_bypassed {
+            self.cache_status(session, resp, ctx);
+        }
+        let event_stream = resp
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(compress::is_event_stream);
+        if let Some(cfg) = &r.response_buffering {
+            let has_body = !ctx.is_head && status >= 200 && status != 204 && status != 304;
+            if has_body && !event_stream && !ctx.no_buffering {
+                ctx.buffer = Some(BufferedBody::new(cfg));
+            }
+        }
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<std::time::Duration>> {
         if let Some(buf) = ctx.buffer.as_mut() {
             let input = body.take().unwrap_or_default();
             *body = buf
@@ -666,6 +948,16 @@ impl ProxyHttp for Edge {
             self.metrics.websockets_active.dec();
         }
         ctx.lease = None;
+        if let Some(outcome) = ctx.cache_outcome {
+            self.metrics
+                .cache_lookups
+                .with_label_values(&[outcome.label()])
+                .inc();
+        }
+        if session.cache.lock_duration().is_some() {
+            self.metrics.cache_lock_waits.inc();
+        }
+        self.invalidate_after_unsafe_method(session, status, ctx);
     }
 
     fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, e: &Error) -> bool {

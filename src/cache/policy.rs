@@ -1,0 +1,450 @@
+//! What the shared cache may store and reuse (RFC 9111), independent of pingora:
+//! the cache key, bypass rules, the storage decision with freshness, age and stale
+//! windows, the Vary variance and the `Cache-Status` header (RFC 9211).
+//!
+//! Rules kept here, so they are tested in one table:
+//! - only GET and HEAD use the cache; HEAD is answered from a stored GET;
+//! - `no-store` and `private` (a shared cache) are never stored; a response to a
+//!   request with `Authorization` only with `public`, `s-maxage` or
+//!   `must-revalidate`; `Set-Cookie` responses only when the route allows it;
+//!   `Vary: *` is never reused, so never stored;
+//! - freshness: `s-maxage`, then `max-age`, then `Expires - Date`; without any of
+//!   them nothing is stored unless the route sets a heuristic `default_ttl`
+//!   (a default TTL for responses that say nothing is otherwise wrong);
+//!   `no-cache` stores the response as stale, so every reuse is revalidated;
+//! - the age already spent upstream (`Age`, or now − `Date`) is subtracted, and
+//!   the route's `max_ttl` caps the lifetime;
+//! - `stale-while-revalidate` / `stale-if-error` (RFC 5861) from the response or the
+//!   route, never with `must-revalidate`, `proxy-revalidate` or `s-maxage`.
+
+use std::time::{Duration, SystemTime};
+
+use http::header::{self, HeaderMap, HeaderName};
+use pingora::cache::key::HashBinary;
+use pingora::cache::VarianceBuilder;
+use pingora::http::{RequestHeader, ResponseHeader};
+
+/// Cache settings of a route.
+#[derive(Debug, Clone)]
+pub struct CachePolicy {
+    /// Request headers whose values join the key.
+    pub key_headers: Vec<HeaderName>,
+    /// Cookies whose values join the key.
+    pub key_cookies: Vec<String>,
+    /// Query parameters left out of the key (tracking parameters and the like).
+    pub ignore_query: Vec<String>,
+    /// Upper bound on any stored response's freshness lifetime.
+    pub max_ttl: Option<Duration>,
+    /// Heuristic lifetime for responses without freshness information (off: None).
+    pub default_ttl: Option<Duration>,
+    /// stale-while-revalidate when the response gives none (seconds).
+    pub stale_while_revalidate: u32,
+    /// stale-if-error when the response gives none (seconds).
+    pub stale_if_error: u32,
+    /// Store responses that carry Set-Cookie.
+    pub store_set_cookie: bool,
+    /// Requests carrying any of these cookies skip the cache entirely.
+    pub bypass_cookies: Vec<String>,
+    /// Requests carrying any of these headers skip the cache entirely.
+    pub bypass_headers: Vec<HeaderName>,
+    /// How long concurrent misses wait for the one that fetches.
+    pub lock_timeout: Duration,
+}
+
+/// The primary cache key: scheme, host and path with query, plus the route's extra
+/// headers and cookies, each part framed so no two requests can collide by
+/// shifting bytes between parts.
+pub fn primary_key(scheme: &str, host: &str, req: &RequestHeader, policy: &CachePolicy) -> String {
+    let mut key = String::with_capacity(128);
+    key.push_str(scheme);
+    key.push('\n');
+    key.push_str(&host.to_ascii_lowercase());
+    key.push('\n');
+    key.push_str(&path_and_query(req, &policy.ignore_query));
+    for h in &policy.key_headers {
+        key.push('\n');
+        key.push_str(h.as_str());
+        key.push('=');
+        for v in req.headers.get_all(h) {
+            key.push_str(&String::from_utf8_lossy(v.as_bytes()));
+            key.push('\u{1f}');
+        }
+    }
+    for c in &policy.key_cookies {
+        key.push_str("\ncookie:");
+        key.push_str(c);
+        key.push('=');
+        if let Some(v) = cookie(&req.headers, c) {
+            key.push_str(v);
+        }
+    }
+    key
+}
+
+/// The key prefix of every object under `scheme://host/path_prefix` (for purges).
+pub fn key_prefix(scheme: &str, host: &str, path_prefix: &str) -> String {
+    format!("{scheme}\n{}\n{path_prefix}", host.to_ascii_lowercase())
+}
+
+/// Path and query with ignored parameters removed (order otherwise kept).
+fn path_and_query(req: &RequestHeader, ignore: &[String]) -> String {
+    let path = req.uri.path();
+    let Some(q) = req.uri.query() else {
+        return path.to_owned();
+    };
+    if ignore.is_empty() {
+        return format!("{path}?{q}");
+    }
+    let kept: Vec<&str> = q
+        .split('&')
+        .filter(|kv| {
+            let name = kv.split('=').next().unwrap_or("");
+            !ignore.iter().any(|i| i == name)
+        })
+        .collect();
+    if kept.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{}", kept.join("&"))
+    }
+}
+
+/// The value of a cookie in the request.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// Whether a request skips the cache (neither looked up nor stored).
+pub fn bypass(req: &RequestHeader, policy: &CachePolicy) -> bool {
+    policy
+        .bypass_headers
+        .iter()
+        .any(|h| req.headers.contains_key(h))
+        || policy
+            .bypass_cookies
+            .iter()
+            .any(|c| cookie(&req.headers, c).is_some())
+}
+
+/// Whether the client asks that a stored response be revalidated before reuse
+/// (`Cache-Control: no-cache` or `max-age=0`, or `Pragma: no-cache`).
+pub fn request_wants_revalidation(req: &RequestHeader) -> bool {
+    let cc = directives(&req.headers);
+    cc.iter()
+        .any(|(k, v)| k == "no-cache" || (k == "max-age" && v.as_deref() == Some("0")))
+        || req
+            .headers
+            .get(header::PRAGMA)
+            .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"no-cache"))
+}
+
+/// Cache-Control directives, lower-cased, with their values unquoted.
+fn directives(headers: &HeaderMap) -> Vec<(String, Option<String>)> {
+    let mut out = Vec::new();
+    for v in headers.get_all(header::CACHE_CONTROL) {
+        let Ok(v) = v.to_str() else { continue };
+        // split on commas outside quotes
+        let mut cur = String::new();
+        let mut quoted = false;
+        for ch in v.chars().chain(std::iter::once(',')) {
+            match ch {
+                '"' => {
+                    quoted = !quoted;
+                    cur.push(ch);
+                }
+                ',' if !quoted => {
+                    let d = cur.trim();
+                    if !d.is_empty() {
+                        let (k, val) = match d.split_once('=') {
+                            Some((k, v)) => (k.trim(), Some(v.trim().trim_matches('"').to_owned())),
+                            None => (d, None),
+                        };
+                        out.push((k.to_ascii_lowercase(), val));
+                    }
+                    cur.clear();
+                }
+                _ => cur.push(ch),
+            }
+        }
+    }
+    out
+}
+
+fn seconds(v: &Option<String>) -> Option<u64> {
+    v.as_deref().and_then(|s| s.parse::<u64>().ok())
+}
+
+fn http_date(headers: &HeaderMap, name: HeaderName) -> Option<SystemTime> {
+    let mut it = headers.get_all(name).iter();
+    let v = it.next()?;
+    if it.next().is_some() {
+        return None;
+    }
+    httpdate::parse_http_date(v.to_str().ok()?).ok()
+}
+
+/// Whether a status may be stored at all (final, understood, not partial).
+fn storable_status(code: u16, explicit: bool) -> bool {
+    // heuristically cacheable (RFC 9110 §15.1), or anything final with explicit freshness
+    matches!(
+        code,
+        200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 451 | 501
+    ) || (explicit && matches!(code, 302 | 303 | 307 | 400 | 403))
+}
+
+/// The storage decision for one response.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Store {
+        fresh_until: SystemTime,
+        /// When the response was generated (now minus its age), so Age on hits counts
+        /// the time it spent upstream too.
+        created: SystemTime,
+        stale_while_revalidate: u32,
+        stale_if_error: u32,
+        /// Header fields that must not be stored (`private="..."`, `no-cache="..."`).
+        strip: Vec<String>,
+    },
+    NoStore(&'static str),
+}
+
+/// Decides whether and how long a response may be stored by a shared cache.
+pub fn decide(
+    request_has_authorization: bool,
+    resp: &ResponseHeader,
+    policy: &CachePolicy,
+    now: SystemTime,
+) -> Decision {
+    let cc = directives(&resp.headers);
+    let has = |name: &str| cc.iter().any(|(k, _)| k == name);
+    let value = |name: &str| cc.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    if has("no-store") {
+        return Decision::NoStore("no-store");
+    }
+    if cc.iter().any(|(k, v)| k == "private" && v.is_none()) {
+        return Decision::NoStore("private");
+    }
+    if request_has_authorization && !(has("public") || has("s-maxage") || has("must-revalidate")) {
+        return Decision::NoStore("authorization");
+    }
+    if resp.headers.contains_key(header::SET_COOKIE) && !policy.store_set_cookie {
+        return Decision::NoStore("set-cookie");
+    }
+    if resp
+        .headers
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim() == "*")
+    {
+        return Decision::NoStore("vary-star");
+    }
+    let date = http_date(&resp.headers, header::DATE);
+    let s_maxage = value("s-maxage").and_then(|v| seconds(&v));
+    let max_age = value("max-age").and_then(|v| seconds(&v));
+    let expires_lifetime = || -> Option<Duration> {
+        if !resp.headers.contains_key(header::EXPIRES) {
+            return None;
+        }
+        // an invalid Expires means "already expired" (RFC 9111 §5.3)
+        let expires = http_date(&resp.headers, header::EXPIRES).unwrap_or(SystemTime::UNIX_EPOCH);
+        let base = date.unwrap_or(now);
+        Some(expires.duration_since(base).unwrap_or(Duration::ZERO))
+    };
+    let explicit = s_maxage
+        .or(max_age)
+        .map(Duration::from_secs)
+        .or_else(expires_lifetime);
+    let no_cache = cc.iter().any(|(k, v)| k == "no-cache" && v.is_none());
+    let status = resp.status.as_u16();
+    if !storable_status(status, explicit.is_some()) {
+        return Decision::NoStore("status");
+    }
+    let lifetime = match (explicit, no_cache) {
+        (_, true) => Duration::ZERO,
+        (Some(l), false) => l,
+        (None, false) => match policy.default_ttl {
+            Some(h) if storable_status(status, false) => h,
+            _ => return Decision::NoStore("no-freshness"),
+        },
+    };
+    if no_cache && !has_validator(&resp.headers) {
+        return Decision::NoStore("no-cache-without-validator");
+    }
+    let lifetime = policy.max_ttl.map_or(lifetime, |cap| lifetime.min(cap));
+    let age_header = resp
+        .headers
+        .get(header::AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::ZERO);
+    let apparent = date
+        .and_then(|d| now.duration_since(d).ok())
+        .unwrap_or(Duration::ZERO);
+    let age = age_header.max(apparent);
+    let created = now.checked_sub(age).unwrap_or(now);
+    let fresh_until = if lifetime.is_zero() {
+        // stored stale: every reuse is revalidated
+        created
+            .checked_sub(Duration::from_secs(1))
+            .unwrap_or(created)
+    } else {
+        created + lifetime
+    };
+    let no_stale = has("must-revalidate") || has("proxy-revalidate") || s_maxage.is_some();
+    let (swr, sie) = if no_stale {
+        (0, 0)
+    } else {
+        let from = |name: &str, default: u32| {
+            value(name)
+                .and_then(|v| seconds(&v))
+                .map_or(default, |s| s.min(u32::MAX as u64) as u32)
+        };
+        (
+            from("stale-while-revalidate", policy.stale_while_revalidate),
+            from("stale-if-error", policy.stale_if_error),
+        )
+    };
+    let strip = cc
+        .iter()
+        .filter(|(k, v)| (k == "private" || k == "no-cache") && v.is_some())
+        .flat_map(|(_, v)| {
+            v.clone()
+                .unwrap_or_default()
+                .split(',')
+                .map(|s| s.trim().to_ascii_lowercase())
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    Decision::Store {
+        fresh_until,
+        created,
+        stale_while_revalidate: swr,
+        stale_if_error: sie,
+        strip,
+    }
+}
+
+fn has_validator(h: &HeaderMap) -> bool {
+    h.contains_key(header::ETAG) || h.contains_key(header::LAST_MODIFIED)
+}
+
+/// The variance of a stored response for this request: the request's values of the
+/// fields the response's Vary lists. Accept-Encoding is replaced by the coding the
+/// edge negotiates for it (`encoding`), so clients that would get the same bytes share
+/// one variant; there are at most as many variants as codings.
+pub fn variance(
+    stored: &ResponseHeader,
+    req: &RequestHeader,
+    encoding: &str,
+) -> Option<HashBinary> {
+    let names: Vec<String> = stored
+        .headers
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+    if names.is_empty() {
+        return None;
+    }
+    let mut b = VarianceBuilder::new();
+    for name in names {
+        let value: Vec<u8> = if name == "accept-encoding" {
+            encoding.as_bytes().to_vec()
+        } else {
+            let mut v = Vec::new();
+            for x in req.headers.get_all(name.as_str()) {
+                v.extend_from_slice(x.as_bytes());
+                v.push(b'\x1f');
+            }
+            v
+        };
+        b.add_owned_name_value(name, value);
+    }
+    b.finalize()
+}
+
+/// How a request was served by the cache, for `Cache-Status` and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Served from storage, fresh.
+    Hit,
+    /// Served stale while one refresh runs in the background.
+    StaleWhileRevalidate,
+    /// Served stale because the origin failed.
+    StaleIfError,
+    /// Not in storage; fetched.
+    Miss,
+    /// In storage but expired; fetched again (or revalidated).
+    Expired,
+    /// Revalidated with the origin (304) and served from storage.
+    Revalidated,
+    /// The route's bypass rules skipped the cache.
+    Bypass,
+    /// Looked up but the response may not be stored.
+    Uncacheable,
+}
+
+impl Outcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::StaleWhileRevalidate | Outcome::StaleIfError => "stale",
+            Outcome::Miss => "miss",
+            Outcome::Expired | Outcome::Revalidated => "expired",
+            Outcome::Bypass => "bypass",
+            Outcome::Uncacheable => "uncacheable",
+        }
+    }
+}
+
+/// The `Cache-Status` value (RFC 9211) for an outcome.
+pub fn cache_status(
+    outcome: Outcome,
+    ttl_secs: Option<i64>,
+    stored: bool,
+    detail: Option<&str>,
+) -> String {
+    let mut s = String::from("wingman-edge");
+    match outcome {
+        Outcome::Hit => s.push_str("; hit"),
+        Outcome::StaleWhileRevalidate => s.push_str("; hit; detail=stale-while-revalidate"),
+        Outcome::StaleIfError => s.push_str("; hit; detail=stale-if-error"),
+        Outcome::Miss => s.push_str("; fwd=miss"),
+        Outcome::Expired => s.push_str("; fwd=stale"),
+        Outcome::Revalidated => s.push_str("; fwd=stale; fwd-status=304"),
+        Outcome::Bypass => s.push_str("; fwd=bypass"),
+        Outcome::Uncacheable => s.push_str("; fwd=uri-miss"),
+    }
+    if let Some(t) = ttl_secs {
+        s.push_str(&format!("; ttl={t}"));
+    }
+    if stored {
+        s.push_str("; stored");
+    }
+    if let Some(d) = detail {
+        if !matches!(
+            outcome,
+            Outcome::StaleWhileRevalidate | Outcome::StaleIfError
+        ) {
+            s.push_str(&format!("; detail={d}"));
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests;

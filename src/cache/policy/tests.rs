@@ -1,0 +1,390 @@
+use super::*;
+
+fn policy() -> CachePolicy {
+    CachePolicy {
+        key_headers: vec![],
+        key_cookies: vec![],
+        ignore_query: vec![],
+        max_ttl: None,
+        default_ttl: None,
+        stale_while_revalidate: 0,
+        stale_if_error: 0,
+        store_set_cookie: false,
+        bypass_cookies: vec![],
+        bypass_headers: vec![],
+        lock_timeout: Duration::from_secs(5),
+    }
+}
+
+fn resp(status: u16, headers: &[(&str, &str)]) -> ResponseHeader {
+    let mut r = ResponseHeader::build(status, None).unwrap();
+    for (k, v) in headers {
+        r.append_header(k.to_string(), *v).unwrap();
+    }
+    r
+}
+
+fn now() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+}
+
+fn date(offset: i64) -> String {
+    let t = if offset >= 0 {
+        now() + Duration::from_secs(offset as u64)
+    } else {
+        now() - Duration::from_secs((-offset) as u64)
+    };
+    httpdate::fmt_http_date(t)
+}
+
+/// The freshness lifetime left, in seconds, or the reason for not storing.
+fn ttl(auth: bool, r: &ResponseHeader, p: &CachePolicy) -> Result<i64, &'static str> {
+    match decide(auth, r, p, now()) {
+        Decision::Store { fresh_until, .. } => Ok(match fresh_until.duration_since(now()) {
+            Ok(d) => d.as_secs() as i64,
+            Err(e) => -(e.duration().as_secs() as i64),
+        }),
+        Decision::NoStore(why) => Err(why),
+    }
+}
+
+#[test]
+fn storage_and_freshness_table() {
+    let p = policy();
+    let d0 = date(0);
+    let cases: Vec<(&str, bool, ResponseHeader, Result<i64, &str>)> = vec![
+        (
+            "max-age",
+            false,
+            resp(200, &[("cache-control", "max-age=60")]),
+            Ok(60),
+        ),
+        (
+            "s-maxage over max-age",
+            false,
+            resp(200, &[("cache-control", "max-age=60, s-maxage=10")]),
+            Ok(10),
+        ),
+        (
+            "max-age over Expires",
+            false,
+            resp(
+                200,
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("date", &d0),
+                    ("expires", &date(3600)),
+                ],
+            ),
+            Ok(60),
+        ),
+        (
+            "Expires judged against Date",
+            false,
+            resp(200, &[("date", &date(-1000)), ("expires", &date(-900))]),
+            Ok(-900),
+        ),
+        (
+            "Expires minus Date, origin clock ahead",
+            false,
+            resp(200, &[("date", &d0), ("expires", &date(120))]),
+            Ok(120),
+        ),
+        (
+            "invalid Expires is already expired",
+            false,
+            resp(200, &[("expires", "soon")]),
+            Ok(-1),
+        ),
+        (
+            "no freshness, no heuristic",
+            false,
+            resp(200, &[]),
+            Err("no-freshness"),
+        ),
+        (
+            "no-store",
+            false,
+            resp(200, &[("cache-control", "no-store, max-age=60")]),
+            Err("no-store"),
+        ),
+        (
+            "private",
+            false,
+            resp(200, &[("cache-control", "private, max-age=60")]),
+            Err("private"),
+        ),
+        (
+            "authorization without permission",
+            true,
+            resp(200, &[("cache-control", "max-age=60")]),
+            Err("authorization"),
+        ),
+        (
+            "authorization with public",
+            true,
+            resp(200, &[("cache-control", "public, max-age=60")]),
+            Ok(60),
+        ),
+        (
+            "authorization with s-maxage",
+            true,
+            resp(200, &[("cache-control", "s-maxage=30")]),
+            Ok(30),
+        ),
+        (
+            "authorization with must-revalidate",
+            true,
+            resp(200, &[("cache-control", "must-revalidate, max-age=5")]),
+            Ok(5),
+        ),
+        (
+            "set-cookie",
+            false,
+            resp(
+                200,
+                &[("cache-control", "max-age=60"), ("set-cookie", "a=b")],
+            ),
+            Err("set-cookie"),
+        ),
+        (
+            "vary star",
+            false,
+            resp(
+                200,
+                &[("cache-control", "max-age=60"), ("vary", "Accept, *")],
+            ),
+            Err("vary-star"),
+        ),
+        (
+            "no-cache with validator: stored stale",
+            false,
+            resp(200, &[("cache-control", "no-cache"), ("etag", "\"a\"")]),
+            Ok(-1),
+        ),
+        (
+            "no-cache without validator",
+            false,
+            resp(200, &[("cache-control", "no-cache")]),
+            Err("no-cache-without-validator"),
+        ),
+        (
+            "age is subtracted",
+            false,
+            resp(200, &[("cache-control", "max-age=60"), ("age", "50")]),
+            Ok(10),
+        ),
+        (
+            "apparent age from Date",
+            false,
+            resp(
+                200,
+                &[("cache-control", "max-age=60"), ("date", &date(-20))],
+            ),
+            Ok(40),
+        ),
+        (
+            "206 never",
+            false,
+            resp(206, &[("cache-control", "max-age=60")]),
+            Err("status"),
+        ),
+        (
+            "302 with explicit freshness",
+            false,
+            resp(302, &[("cache-control", "max-age=60")]),
+            Ok(60),
+        ),
+        (
+            "500 never",
+            false,
+            resp(500, &[("cache-control", "max-age=60")]),
+            Err("status"),
+        ),
+        (
+            "404 with max-age",
+            false,
+            resp(404, &[("cache-control", "max-age=5")]),
+            Ok(5),
+        ),
+    ];
+    for (name, auth, r, want) in cases {
+        assert_eq!(ttl(auth, &r, &p), want, "{name}");
+    }
+}
+
+#[test]
+fn route_heuristic_and_ttl_cap_apply() {
+    let mut p = policy();
+    p.default_ttl = Some(Duration::from_secs(30));
+    assert_eq!(ttl(false, &resp(200, &[]), &p), Ok(30));
+    assert_eq!(ttl(false, &resp(302, &[]), &p), Err("status"));
+    p.max_ttl = Some(Duration::from_secs(10));
+    assert_eq!(
+        ttl(false, &resp(200, &[("cache-control", "max-age=600")]), &p),
+        Ok(10)
+    );
+    p.store_set_cookie = true;
+    assert_eq!(
+        ttl(
+            false,
+            &resp(
+                200,
+                &[("cache-control", "max-age=5"), ("set-cookie", "a=b")]
+            ),
+            &p
+        ),
+        Ok(5)
+    );
+}
+
+fn stale_windows(r: &ResponseHeader, p: &CachePolicy) -> (u32, u32) {
+    match decide(false, r, p, now()) {
+        Decision::Store {
+            stale_while_revalidate,
+            stale_if_error,
+            ..
+        } => (stale_while_revalidate, stale_if_error),
+        other => panic!("not stored: {other:?}"),
+    }
+}
+
+#[test]
+fn stale_windows_come_from_the_response_or_the_route_and_revalidate_directives_forbid_them() {
+    let mut p = policy();
+    let r = resp(
+        200,
+        &[(
+            "cache-control",
+            "max-age=1, stale-while-revalidate=30, stale-if-error=300",
+        )],
+    );
+    assert_eq!(stale_windows(&r, &p), (30, 300));
+    p.stale_while_revalidate = 7;
+    p.stale_if_error = 70;
+    assert_eq!(
+        stale_windows(&resp(200, &[("cache-control", "max-age=1")]), &p),
+        (7, 70)
+    );
+    for forbid in ["must-revalidate", "proxy-revalidate", "s-maxage=1"] {
+        let r = resp(
+            200,
+            &[(
+                "cache-control",
+                &format!("max-age=1, stale-if-error=300, {forbid}"),
+            )],
+        );
+        assert_eq!(stale_windows(&r, &p), (0, 0), "{forbid}");
+    }
+}
+
+#[test]
+fn private_and_no_cache_field_lists_are_stripped_not_refused() {
+    let r = resp(
+        200,
+        &[(
+            "cache-control",
+            "max-age=60, private=\"X-User, X-Token\", no-cache=\"Set-Login\"",
+        )],
+    );
+    match decide(false, &r, &policy(), now()) {
+        Decision::Store { strip, .. } => assert_eq!(strip, ["x-user", "x-token", "set-login"]),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn req(uri: &str, headers: &[(&str, &str)]) -> RequestHeader {
+    let mut r = RequestHeader::build("GET", uri.as_bytes(), None).unwrap();
+    for (k, v) in headers {
+        r.append_header(k.to_string(), *v).unwrap();
+    }
+    r
+}
+
+#[test]
+fn keys_frame_scheme_host_path_and_extras() {
+    let mut p = policy();
+    let r = req(
+        "/a?x=1&utm_source=m&y=2",
+        &[("x-tenant", "t1"), ("cookie", "lang=de; sid=9")],
+    );
+    assert_eq!(
+        primary_key("http", "Chat.Example", &r, &p),
+        "http\nchat.example\n/a?x=1&utm_source=m&y=2"
+    );
+    p.ignore_query = vec!["utm_source".into()];
+    p.key_headers = vec![HeaderName::from_static("x-tenant")];
+    p.key_cookies = vec!["lang".into()];
+    assert_eq!(
+        primary_key("https", "chat.example", &r, &p),
+        "https\nchat.example\n/a?x=1&y=2\nx-tenant=t1\u{1f}\ncookie:lang=de"
+    );
+    assert!(
+        primary_key("https", "chat.example", &r, &p).starts_with(&key_prefix(
+            "https",
+            "CHAT.example",
+            "/a"
+        ))
+    );
+}
+
+#[test]
+fn bypass_rules_and_client_revalidation() {
+    let mut p = policy();
+    p.bypass_cookies = vec!["sessionid".into()];
+    p.bypass_headers = vec![HeaderName::from_static("authorization")];
+    assert!(bypass(&req("/", &[("cookie", "a=1; sessionid=x")]), &p));
+    assert!(bypass(&req("/", &[("authorization", "Bearer t")]), &p));
+    assert!(!bypass(&req("/", &[("cookie", "a=1")]), &p));
+    assert!(request_wants_revalidation(&req(
+        "/",
+        &[("cache-control", "no-cache")]
+    )));
+    assert!(request_wants_revalidation(&req(
+        "/",
+        &[("cache-control", "max-age=0")]
+    )));
+    assert!(request_wants_revalidation(&req(
+        "/",
+        &[("pragma", "no-cache")]
+    )));
+    assert!(!request_wants_revalidation(&req(
+        "/",
+        &[("cache-control", "max-age=10")]
+    )));
+}
+
+#[test]
+fn variance_uses_the_negotiated_coding_for_accept_encoding() {
+    let stored = resp(200, &[("vary", "Accept-Encoding, X-Lang")]);
+    let a = req("/", &[("accept-encoding", "gzip, br"), ("x-lang", "de")]);
+    let b = req(
+        "/",
+        &[("accept-encoding", "br;q=1, gzip;q=0.5"), ("x-lang", "de")],
+    );
+    let c = req("/", &[("accept-encoding", "br"), ("x-lang", "fr")]);
+    assert_eq!(variance(&stored, &a, "br"), variance(&stored, &b, "br"));
+    assert_ne!(variance(&stored, &a, "br"), variance(&stored, &a, "gzip"));
+    assert_ne!(variance(&stored, &a, "br"), variance(&stored, &c, "br"));
+    assert_eq!(variance(&resp(200, &[]), &a, "br"), None);
+}
+
+#[test]
+fn cache_status_values() {
+    assert_eq!(
+        cache_status(Outcome::Hit, Some(42), false, None),
+        "wingman-edge; hit; ttl=42"
+    );
+    assert_eq!(
+        cache_status(Outcome::Miss, None, true, None),
+        "wingman-edge; fwd=miss; stored"
+    );
+    assert_eq!(
+        cache_status(Outcome::Uncacheable, None, false, Some("set-cookie")),
+        "wingman-edge; fwd=uri-miss; detail=set-cookie"
+    );
+    assert_eq!(
+        cache_status(Outcome::StaleIfError, Some(-3), false, None),
+        "wingman-edge; hit; detail=stale-if-error; ttl=-3"
+    );
+}
