@@ -2,8 +2,9 @@
 //! concurrency) and the `heavy` queue (CPU-bound conversation exports, low concurrency).
 //!
 //! Queues are durable in the app's own database: apalis-sqlite in the same SQLite file
-//! (woken at once by SQLite update hooks for jobs this instance enqueues, polled every
-//! `jobs.poll_interval` for other instances' jobs) or apalis-postgres (LISTEN/NOTIFY).
+//! (this instance's workers are woken right after it enqueues; jobs enqueued by other
+//! instances are found by polling every `jobs.poll_interval`) or apalis-postgres
+//! (LISTEN/NOTIFY wakes every instance).
 //! Workers have per-queue concurrency, a timeout per attempt, retries with exponential
 //! backoff, and orphaned jobs of a dead worker are re-enqueued by apalis (heartbeats).
 
@@ -69,12 +70,18 @@ pub enum Queues {
     Sqlite {
         ai: SqliteStorage<AiJob>,
         heavy: SqliteStorage<ExportJob>,
+        /// Wakes this instance's workers right after an enqueue (no polling delay).
+        wake_ai: Wake,
+        wake_heavy: Wake,
     },
     Postgres {
         ai: PostgresStorage<AiJob>,
         heavy: PostgresStorage<ExportJob>,
     },
 }
+
+/// Signals the local worker of a queue that a job was enqueued.
+pub type Wake = futures::channel::mpsc::UnboundedSender<()>;
 
 /// Queue depth (pending jobs) of both queues.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -94,21 +101,33 @@ fn pending(stats: &[Statistic]) -> u64 {
 impl Queues {
     pub async fn enqueue_ai(&self, job: AiJob) -> Result<(), JobError> {
         match self {
-            Queues::Sqlite { ai, .. } => ai.clone().push(job).await.map_err(|e| JobError::Open(e.to_string())),
+            Queues::Sqlite { ai, wake_ai, .. } => {
+                ai.clone().push(job).await.map_err(|e| JobError::Open(e.to_string()))?;
+                let _ = wake_ai.unbounded_send(());
+                Ok(())
+            }
             Queues::Postgres { ai, .. } => ai.clone().push(job).await.map_err(|e| JobError::Open(e.to_string())),
         }
     }
 
     pub async fn enqueue_export(&self, job: ExportJob) -> Result<(), JobError> {
         match self {
-            Queues::Sqlite { heavy, .. } => heavy.clone().push(job).await.map_err(|e| JobError::Open(e.to_string())),
+            Queues::Sqlite { heavy, wake_heavy, .. } => {
+                heavy
+                    .clone()
+                    .push(job)
+                    .await
+                    .map_err(|e| JobError::Open(e.to_string()))?;
+                let _ = wake_heavy.unbounded_send(());
+                Ok(())
+            }
             Queues::Postgres { heavy, .. } => heavy.clone().push(job).await.map_err(|e| JobError::Open(e.to_string())),
         }
     }
 
     pub async fn depth(&self) -> Result<Depth, JobError> {
         Ok(match self {
-            Queues::Sqlite { ai, heavy } => Depth {
+            Queues::Sqlite { ai, heavy, .. } => Depth {
                 ai: pending(&ai.fetch_by_queue().await?),
                 heavy: pending(&heavy.fetch_by_queue().await?),
             },
@@ -199,10 +218,10 @@ pub async fn start(
     let heavy_queue = format!("{}heavy", settings.queue_prefix);
     let mut handles = Vec::new();
     let queues = if db.url.starts_with("sqlite:") {
-        // One pool per queue: its update hook wakes that queue's worker on every insert
-        // made through it; the interval covers inserts by other instances.
-        let (ai_pool, ai_hook) = sqlite_pool(db).await?;
-        let (heavy_pool, heavy_hook) = sqlite_pool(db).await?;
+        let pool = sqlite_pool(db).await?;
+        let (ai_pool, heavy_pool) = (pool.clone(), pool);
+        let (wake_ai, ai_hook) = futures::channel::mpsc::unbounded::<()>();
+        let (wake_heavy, heavy_hook) = futures::channel::mpsc::unbounded::<()>();
         let ai_cfg = apalis_sqlite::Config::default().queue(&ai_queue).batch_size(32);
         let heavy_cfg = apalis_sqlite::Config::default()
             .queue(&heavy_queue)
@@ -241,7 +260,12 @@ pub async fn start(
             ctx.clone(),
             stop.clone()
         ));
-        Queues::Sqlite { ai, heavy }
+        Queues::Sqlite {
+            ai,
+            heavy,
+            wake_ai,
+            wake_heavy,
+        }
     } else {
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(8)
@@ -292,17 +316,18 @@ pub async fn start(
     Ok((queues, Workers { handles }))
 }
 
-async fn sqlite_pool(
-    db: &DatabaseSettings,
-) -> Result<(sqlx::SqlitePool, apalis_sqlite::callback::HookCallbackListener), JobError> {
-    let (pool, hook) = SqliteStorage::connect_with_callback(&db.url)?;
-    // Same file as the app; pragmas as the app pool (WAL is a property of the file).
+/// The job queue's pool on the app's SQLite file, with the app's connection options
+/// (WAL, `synchronous=NORMAL`, `busy_timeout`).
+async fn sqlite_pool(db: &DatabaseSettings) -> Result<sqlx::SqlitePool, JobError> {
+    let options = crate::store::sqlite::connect_options(db)?;
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(db.acquire_timeout)
+        .connect_with(options)
+        .await
+        .map_err(|e| JobError::Open(e.to_string()))?;
     let mut migrator = SqliteStorage::<()>::migrations();
     migrator.set_ignore_missing(true);
-    sqlx::query("PRAGMA busy_timeout = 5000")
-        .execute(&pool)
-        .await
-        .map_err(apalis_sqlite::Error::from)?;
     let _guard = crate::store::sqlite::migrate_lock().lock().await;
     if let Err(first) = migrator.run(&pool).await {
         tracing::warn!(error = %first, "apalis migration failed, retrying once");
@@ -311,7 +336,7 @@ async fn sqlite_pool(
             .await
             .map_err(|e| JobError::Open(format!("apalis migrations: {e}")))?;
     }
-    Ok((pool, hook))
+    Ok(pool)
 }
 
 /// Maps a handler failure to an apalis error (so the retry layer sees it).
