@@ -805,7 +805,10 @@ impl ProxyHttp for Edge {
             .is_some_and(compress::is_event_stream);
         if let Some(cfg) = &r.response_buffering {
             let has_body = !ctx.is_head && status >= 200 && status != 204 && status != 304;
-            if has_body && !event_stream && !ctx.no_buffering {
+            // a response going through the cache is already decoupled from the upstream
+            // (the cache fill runs at upstream speed) and ends without a final body chunk
+            let via_cache = session.cache.enabled();
+            if has_body && !event_stream && !ctx.no_buffering && !via_cache {
                 ctx.buffer = Some(BufferedBody::new(cfg));
             }
         }

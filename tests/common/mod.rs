@@ -48,6 +48,8 @@ pub struct OriginState {
     pub finished_writing: AtomicBool,
     /// Bodies received by `/upload`, in order.
     pub uploads: Mutex<Vec<Vec<u8>>>,
+    /// When not 0, `/fixed` answers this status (an origin failing with 5xx).
+    pub force_status: std::sync::atomic::AtomicU16,
 }
 
 /// A real HTTP origin (axum) on 127.0.0.1, port chosen by the OS.
@@ -90,6 +92,7 @@ impl Origin {
             max_in_flight: AtomicUsize::new(0),
             finished_writing: AtomicBool::new(false),
             uploads: Mutex::new(Vec::new()),
+            force_status: std::sync::atomic::AtomicU16::new(0),
         });
         let app = Router::new()
             .route("/healthz", get(healthz))
@@ -624,21 +627,58 @@ async fn fixed(
     headers: HeaderMap,
 ) -> Response {
     record(&st, &method, &uri, &headers, peer);
-    let mut b = Response::builder().header("content-type", "application/json");
+    let n = st.requests.load(Ordering::SeqCst);
+    if let Some(ms) = query_param(&uri, "delay").and_then(|v| v.parse::<u64>().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let forced = st.force_status.load(Ordering::SeqCst);
+    if forced != 0 {
+        return (
+            StatusCode::from_u16(forced).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            "origin failure",
+        )
+            .into_response();
+    }
+    let decode = |v: &str| {
+        v.replace("%22", "\"")
+            .replace("%20", " ")
+            .replace("%2C", ",")
+            .replace("%3D", "=")
+            .replace("%3B", ";")
+    };
+    let etag = query_param(&uri, "etag").map(decode);
+    if let (Some(tag), Some(inm)) = (&etag, headers.get("if-none-match")) {
+        if inm.to_str().ok() == Some(tag.as_str()) {
+            let mut b = Response::builder().status(304).header("etag", tag.as_str());
+            if let Some(cc) = query_param(&uri, "cc") {
+                b = b.header("cache-control", decode(cc));
+            }
+            b = b.header("x-origin-n", n);
+            return b
+                .body(axum::body::Body::empty())
+                .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+        }
+    }
+    let status = query_param(&uri, "status")
+        .and_then(|v| v.parse::<u16>().ok())
+        .unwrap_or(200);
+    let mut b = Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .header("x-origin-n", n);
     for (param, header) in [
         ("etag", "etag"),
         ("vary", "vary"),
         ("cc", "cache-control"),
         ("ce", "content-encoding"),
         ("xab", "x-accel-buffering"),
+        ("sc", "set-cookie"),
+        ("age", "age"),
+        ("lm", "last-modified"),
+        ("loc", "location"),
     ] {
         if let Some(v) = query_param(&uri, param) {
-            b = b.header(
-                header,
-                v.replace("%22", "\"")
-                    .replace("%20", " ")
-                    .replace("%2C", ","),
-            );
+            b = b.header(header, decode(v));
         }
     }
     b.body(axum::body::Body::from(compressible(4096)))
