@@ -24,8 +24,10 @@ use crate::listener::EdgeApp;
 use crate::metrics::Metrics;
 use crate::proxy::Edge;
 use crate::reload::{ReloadError, Reloader};
+use crate::tls::SniResolver;
 use crate::upstream::health::HealthChecker;
 use crate::upstream::Registry;
+use pingora::listeners::tls::TlsSettings;
 
 /// How `run` was asked to start.
 #[derive(Debug, Clone)]
@@ -46,7 +48,15 @@ pub enum StartError {
     Runtime(std::io::Error),
     #[error("cannot open the cache: {0}")]
     Cache(std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
+
+/// pingora's TLS settings want handshake callbacks; the edge needs none.
+struct NoCallbacks;
+
+#[async_trait::async_trait]
+impl pingora::listeners::TlsAccept for NoCallbacks {}
 
 /// Loads and fully builds the configuration without starting anything (the `check`
 /// command): the same parsing, validation and name resolution as `run`.
@@ -104,12 +114,19 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
     server.bootstrap();
     let server_conf = server.configuration.clone();
 
-    // one proxy service per h2c setting (server options are per service)
-    let mut by_h2c: BTreeMap<bool, Vec<String>> = BTreeMap::new();
-    for l in &cfg.listeners {
-        by_h2c.entry(l.h2c).or_default().push(l.address.clone());
+    // one proxy service per kind of listener (server options are per service):
+    // cleartext with h2c, cleartext without, and TLS (h2 over ALPN)
+    let snap = reloader.current();
+    let mut groups: BTreeMap<&'static str, Vec<&crate::snapshot::ListenerSnap>> = BTreeMap::new();
+    for l in &snap.listeners {
+        let kind = match (&l.certs, l.h2c) {
+            (Some(_), _) => "edge (tls)",
+            (None, true) => "edge (h1+h2c)",
+            (None, false) => "edge (h1)",
+        };
+        groups.entry(kind).or_default().push(l);
     }
-    for (h2c, addrs) in by_h2c {
+    for (name, listeners) in groups {
         let mut proxy = HttpProxy::new(
             Edge {
                 snapshots: reloader.snapshots.clone(),
@@ -120,7 +137,7 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
         );
         proxy.handle_init_modules();
         let mut options = pingora::apps::HttpServerOptions::default();
-        options.h2c = h2c;
+        options.h2c = name == "edge (h1+h2c)";
         options.keepalive_request_limit =
             (cfg.client.keepalive_requests > 0).then_some(cfg.client.keepalive_requests);
         options.h2_idle_timeout = Some(cfg.client.keepalive_timeout.get());
@@ -130,10 +147,33 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
             snapshots: reloader.snapshots.clone(),
             metrics: metrics.clone(),
         };
-        let name = if h2c { "edge (h1+h2c)" } else { "edge (h1)" };
         let mut service = Service::new(name.to_string(), app);
-        for a in addrs {
-            service.add_tcp(&a);
+        for l in listeners {
+            let addr = l.addr.to_string();
+            match &l.certs {
+                None => service.add_tcp(&addr),
+                Some(certs) => {
+                    let resolver = SniResolver::new_shared(certs.clone());
+                    reloader.register_resolver(l.addr, resolver.clone());
+                    let tls_cfg = cfg
+                        .listeners
+                        .iter()
+                        .find(|c| c.address.parse().ok() == Some(l.addr))
+                        .and_then(|c| c.tls.clone());
+                    let mut settings = TlsSettings::with_callbacks(Box::new(NoCallbacks))
+                        .map_err(|e| StartError::Tls(e.to_string()))?;
+                    settings.set_cert_resolver(resolver);
+                    if tls_cfg.as_ref().is_none_or(|t| t.h2) {
+                        settings.enable_h2();
+                    }
+                    if let Some(ca) = tls_cfg.as_ref().and_then(|t| t.client_ca.as_ref()) {
+                        settings.set_client_cert_verifier(
+                            crate::tls::client_verifier(ca).map_err(StartError::Tls)?,
+                        );
+                    }
+                    service.add_tls_with_settings(&addr, None, settings);
+                }
+            }
         }
         service.threads = Some(cfg.server.threads);
         server.add_service(service);
@@ -193,6 +233,7 @@ fn server_conf(cfg: &Config, daemon: bool) -> ServerConf {
         grace_period_seconds: Some(s.grace_period.get().as_secs()),
         graceful_shutdown_timeout_seconds: Some(s.graceful_shutdown_timeout.get().as_secs()),
         upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
+        ca_file: s.upstream_ca_file.as_ref().map(|p| p.display().to_string()),
         ..ServerConf::default()
     }
 }

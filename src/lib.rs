@@ -17,4 +17,5 @@ pub mod proxy;
 pub mod reload;
 pub mod route;
 pub mod snapshot;
+pub mod tls;
 pub mod upstream;

@@ -10,7 +10,11 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use std::collections::HashMap;
+
 use arc_swap::ArcSwap;
+
+use crate::tls::SniResolver;
 
 use crate::config;
 use crate::metrics::Metrics;
@@ -34,7 +38,12 @@ pub struct Reloader {
     pub metrics: Arc<Metrics>,
     generation: AtomicU64,
     /// The listeners and admin address bound at start (they cannot change in-process).
-    bound: (Vec<(std::net::SocketAddr, bool)>, std::net::SocketAddr),
+    bound: (
+        Vec<(std::net::SocketAddr, bool, bool)>,
+        std::net::SocketAddr,
+    ),
+    /// Certificate resolvers of the TLS listeners, by address.
+    resolvers: parking_lot::Mutex<HashMap<std::net::SocketAddr, Arc<SniResolver>>>,
     /// Serializes reloads (two SIGHUPs in a row are handled one after the other).
     lock: tokio::sync::Mutex<()>,
 }
@@ -56,9 +65,13 @@ impl Reloader {
         let cfg = config::load(&path)?;
         let snap = Snapshot::build(&cfg, &path.display().to_string(), 1, &registry).await?;
         metrics.generation.set(1);
-        let bound = (snap.listeners.clone(), snap.admin);
+        let bound = (
+            snap.listeners.iter().map(|l| l.socket_identity()).collect(),
+            snap.admin,
+        );
         let r = Reloader {
             bound,
+            resolvers: parking_lot::Mutex::new(HashMap::new()),
             path,
             snapshots: Arc::new(ArcSwap::from_pointee(snap)),
             registry,
@@ -105,13 +118,28 @@ impl Reloader {
             &self.registry,
         )
         .await?;
-        let restart_needed = self.bound.0 != snap.listeners || self.bound.1 != snap.admin;
+        let identities: Vec<_> = snap.listeners.iter().map(|l| l.socket_identity()).collect();
+        let restart_needed = self.bound.0 != identities || self.bound.1 != snap.admin;
+        // new handshakes use the new certificates; established connections keep theirs
+        {
+            let resolvers = self.resolvers.lock();
+            for l in &snap.listeners {
+                if let (Some(certs), Some(r)) = (&l.certs, resolvers.get(&l.addr)) {
+                    r.swap(certs.clone());
+                }
+            }
+        }
         self.snapshots.store(Arc::new(snap));
         self.generation.store(generation, Ordering::Release);
         Ok(Reloaded {
             generation,
             restart_needed,
         })
+    }
+
+    /// Registers the certificate resolver of a TLS listener (at start).
+    pub fn register_resolver(&self, addr: std::net::SocketAddr, resolver: Arc<SniResolver>) {
+        self.resolvers.lock().insert(addr, resolver);
     }
 
     pub fn current(&self) -> Arc<Snapshot> {

@@ -18,6 +18,7 @@ use crate::cache::policy::CachePolicy;
 use crate::compress::{Coding, Levels, TypeSet};
 use crate::config::{self, Config, ServerAddress};
 use crate::route::Router;
+use crate::tls::{CertFiles, CertStore};
 use crate::upstream::{HealthSpec, Pool, PoolServer, Registry, Timeouts};
 
 /// The published snapshot, swapped atomically on reload.
@@ -68,6 +69,8 @@ pub struct RouteSnap {
     pub request_buffering: RequestBuffering,
     pub response_buffering: Option<ResponseBuffering>,
     pub cache: Option<CachePolicy>,
+    /// Strict-Transport-Security for TLS responses.
+    pub hsts: Option<HeaderValue>,
 }
 
 /// Client-side limits.
@@ -82,6 +85,24 @@ pub struct ClientLimits {
     pub min_send_rate: u64,
 }
 
+/// One listener as configured.
+#[derive(Debug, Clone)]
+pub struct ListenerSnap {
+    pub addr: SocketAddr,
+    pub h2c: bool,
+    /// Certificates of a TLS listener (loaded and checked with the config).
+    pub certs: Option<Arc<CertStore>>,
+    /// `Some(port)`: answer requests with a 308 to https on that port.
+    pub redirect_https: Option<u16>,
+}
+
+impl ListenerSnap {
+    /// What needs a restart to change: the socket and its protocol.
+    pub fn socket_identity(&self) -> (SocketAddr, bool, bool) {
+        (self.addr, self.h2c, self.certs.is_some())
+    }
+}
+
 /// Everything a request needs to know, as of one configuration generation.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -90,8 +111,8 @@ pub struct Snapshot {
     pub routes: Vec<RouteSnap>,
     pub pools: Vec<Pool>,
     pub client: ClientLimits,
-    /// The listener addresses this config asks for (they cannot change in-process).
-    pub listeners: Vec<(SocketAddr, bool)>,
+    /// The listeners this config asks for (their sockets cannot change in-process).
+    pub listeners: Vec<ListenerSnap>,
     pub admin: SocketAddr,
     /// Where spooled bodies go.
     pub temp_dir: std::path::PathBuf,
@@ -161,25 +182,33 @@ impl Snapshot {
                     None
                 }
             };
-            pools.push(Pool::new(
-                u.name.clone(),
-                u.algorithm,
-                config::parse_hash_on(&u.hash_on).unwrap_or(config::HashOn::ClientIp),
-                servers,
-                u.retries,
-                u.queue_size,
-                u.queue_timeout.get(),
-                Timeouts {
-                    connect: u.timeouts.connect.get(),
-                    read: u.timeouts.read.get(),
-                    write: u.timeouts.write.get(),
-                    idle: u.timeouts.idle.get(),
-                },
-                health,
-                u.passive.consecutive_failures,
-                u.passive.ejection_time.get(),
-                registry.pool(&u.name),
-            ));
+            let upstream_tls = crate::upstream::UpstreamTls {
+                enabled: u.tls,
+                sni: u.sni.clone(),
+                verify: u.verify_cert,
+            };
+            pools.push(
+                Pool::new(
+                    u.name.clone(),
+                    u.algorithm,
+                    config::parse_hash_on(&u.hash_on).unwrap_or(config::HashOn::ClientIp),
+                    servers,
+                    u.retries,
+                    u.queue_size,
+                    u.queue_timeout.get(),
+                    Timeouts {
+                        connect: u.timeouts.connect.get(),
+                        read: u.timeouts.read.get(),
+                        write: u.timeouts.write.get(),
+                        idle: u.timeouts.idle.get(),
+                    },
+                    health,
+                    u.passive.consecutive_failures,
+                    u.passive.ejection_time.get(),
+                    registry.pool(&u.name),
+                )
+                .with_tls(upstream_tls),
+            );
         }
         let mut routes = Vec::new();
         for r in &cfg.routes {
@@ -207,6 +236,10 @@ impl Snapshot {
                     memory: r.buffering.request_memory.get() as usize,
                 },
                 cache: cache_policy(&r.cache),
+                hsts: r
+                    .hsts
+                    .as_deref()
+                    .and_then(|h| HeaderValue::from_str(h).ok()),
                 response_buffering: r.buffering.response.then(|| ResponseBuffering {
                     limits: SpoolLimits {
                         memory: r.buffering.response_memory.get() as usize,
@@ -214,6 +247,41 @@ impl Snapshot {
                         dir: cfg.server.temp_dir.clone(),
                     },
                 }),
+            });
+        }
+        let mut listeners = Vec::new();
+        for (i, l) in cfg.listeners.iter().enumerate() {
+            let Ok(addr) = l.address.parse::<SocketAddr>() else {
+                continue;
+            };
+            let certs = match &l.tls {
+                None => None,
+                Some(tls) => {
+                    let files: Vec<CertFiles> = tls
+                        .certificates
+                        .iter()
+                        .map(|c| CertFiles {
+                            cert: c.cert.clone(),
+                            key: c.key.clone(),
+                        })
+                        .collect();
+                    match CertStore::load(&files) {
+                        Ok(store) => Some(Arc::new(store)),
+                        Err(es) => {
+                            for e in es {
+                                errors
+                                    .push(format!("{file}: listeners[{i}].tls.certificates: {e}"));
+                            }
+                            None
+                        }
+                    }
+                }
+            };
+            listeners.push(ListenerSnap {
+                addr,
+                h2c: l.h2c,
+                certs,
+                redirect_https: l.redirect_to_https.then_some(l.https_port),
             });
         }
         if !errors.is_empty() {
@@ -239,11 +307,7 @@ impl Snapshot {
                 min_send_rate: cfg.client.min_send_rate.get(),
             },
             temp_dir: cfg.server.temp_dir.clone(),
-            listeners: cfg
-                .listeners
-                .iter()
-                .filter_map(|l| parse_addr(&l.address).map(|a| (a, l.h2c)))
-                .collect(),
+            listeners,
             admin: parse_addr(&cfg.admin.address)
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9901))),
         })

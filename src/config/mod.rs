@@ -147,6 +147,8 @@ pub struct ServerSection {
     /// Idle upstream connections kept for reuse, in total.
     #[serde(default = "default_upstream_keepalive_pool_size")]
     pub upstream_keepalive_pool_size: usize,
+    /// CA bundle that verifies TLS upstreams (default: the system's roots).
+    pub upstream_ca_file: Option<PathBuf>,
     /// Where buffered bodies larger than their memory limit are spooled.
     #[serde(default = "default_temp_dir")]
     pub temp_dir: PathBuf,
@@ -161,19 +163,48 @@ impl Default for ServerSection {
             pid_file: default_pid_file(),
             upgrade_sock: default_upgrade_sock(),
             upstream_keepalive_pool_size: default_upstream_keepalive_pool_size(),
+            upstream_ca_file: None,
             temp_dir: default_temp_dir(),
         }
     }
 }
 
-/// A cleartext listening socket. HTTP/1.1 and prior-knowledge h2c share it.
+/// A listening socket: cleartext (HTTP/1.1 and prior-knowledge h2c share it) or TLS.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Listener {
     /// `ip:port` to bind.
     pub address: String,
-    /// Accept h2c (HTTP/2 with prior knowledge) on this port.
+    /// Accept h2c (HTTP/2 with prior knowledge) on this cleartext port.
     #[serde(default = "default_true")]
     pub h2c: bool,
+    /// Terminate TLS on this listener.
+    pub tls: Option<ListenerTls>,
+    /// Answer every request on this cleartext listener with a 308 to https.
+    #[serde(default)]
+    pub redirect_to_https: bool,
+    /// The port in redirect Locations (443 is left out).
+    #[serde(default = "default_https_port")]
+    pub https_port: u16,
+}
+
+/// TLS settings of a listener. Certificates are reloaded on SIGHUP.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ListenerTls {
+    /// Certificate chains and keys (PEM); SNI picks by the names in each
+    /// certificate; the first is the default.
+    pub certificates: Vec<CertificatePair>,
+    /// Offer HTTP/2 over ALPN.
+    #[serde(default = "default_true")]
+    pub h2: bool,
+    /// Require client certificates signed by this CA bundle (mTLS). Read at start.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// One certificate chain and its key.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CertificatePair {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// The admin listener: /metrics, /healthz, /status.
@@ -272,6 +303,15 @@ pub struct Upstream {
     pub health_check: Option<HealthCheck>,
     #[serde(default)]
     pub passive: PassiveHealth,
+    /// Talk TLS to the servers.
+    #[serde(default)]
+    pub tls: bool,
+    /// SNI and verified name for TLS servers (default: the host of each server's
+    /// address when it is a name).
+    pub sni: Option<String>,
+    /// Verify the servers' certificates and names.
+    #[serde(default = "default_true")]
+    pub verify_cert: bool,
 }
 
 /// One server of a pool.
@@ -380,6 +420,8 @@ pub struct Route {
     pub buffering: Buffering,
     #[serde(default)]
     pub cache: RouteCache,
+    /// Strict-Transport-Security value sent on TLS responses (absent: none).
+    pub hsts: Option<String>,
 }
 
 /// Response caching of a route (RFC 9111 shared cache).
@@ -654,6 +696,9 @@ fn default_response_memory() -> ByteSize {
 }
 fn default_response_max_temp_file() -> ByteSize {
     ByteSize(1 << 30)
+}
+fn default_https_port() -> u16 {
+    443
 }
 fn default_cache_memory() -> ByteSize {
     ByteSize(256 << 20)

@@ -149,7 +149,22 @@ pub fn validate(c: &Config) -> Vec<(KeyPath, String)> {
     }
     let mut bound: HashMap<SocketAddr, KeyPath> = HashMap::new();
     for (i, l) in c.listeners.iter().enumerate() {
-        let path = root.key("listeners").index(i).key("address");
+        let lp = root.key("listeners").index(i);
+        if let Some(tls) = &l.tls {
+            if tls.certificates.is_empty() {
+                out.push((
+                    lp.key("tls").key("certificates"),
+                    "at least one certificate is needed".into(),
+                ));
+            }
+            if l.redirect_to_https {
+                out.push((
+                    lp.key("redirect_to_https"),
+                    "a TLS listener cannot redirect to https".into(),
+                ));
+            }
+        }
+        let path = lp.key("address");
         match check_listen_address(&l.address) {
             Ok(a) => {
                 if let Some(first) = bound.insert(a, path.clone()) {
@@ -233,6 +248,11 @@ pub fn validate(c: &Config) -> Vec<(KeyPath, String)> {
         }
         if let Err(e) = parse_hash_on(&u.hash_on) {
             out.push((up.key("hash_on"), e));
+        }
+        if let Some(sni) = &u.sni {
+            if !is_hostname(&sni.to_ascii_lowercase()) {
+                out.push((up.key("sni"), format!("{sni:?} is not a host name")));
+            }
         }
         for (key, d) in [
             ("connect", u.timeouts.connect),
@@ -391,6 +411,14 @@ pub fn validate(c: &Config) -> Vec<(KeyPath, String)> {
                 out.push((
                     kp.key("bypass_headers").index(j),
                     format!("{h:?} is not a valid header name"),
+                ));
+            }
+        }
+        if let Some(h) = &r.hsts {
+            if http::HeaderValue::from_str(h).is_err() || !h.contains("max-age=") {
+                out.push((
+                    rp.key("hsts"),
+                    format!("{h:?} is not a Strict-Transport-Security value (it needs max-age=)"),
                 ));
             }
         }

@@ -286,6 +286,18 @@ impl Edge {
         ctx.encoder = Some(encoder);
     }
 
+    /// The https port to redirect to, when the request came in on a cleartext
+    /// listener configured to redirect.
+    fn redirect_port(&self, session: &Session, ctx: &Ctx) -> Option<u16> {
+        let local = session.server_addr().and_then(|a| a.as_inet()).copied()?;
+        ctx.snap
+            .listeners
+            .iter()
+            .filter(|l| l.addr.port() == local.port())
+            .find(|l| l.addr.ip() == local.ip() || l.addr.ip().is_unspecified())
+            .and_then(|l| l.redirect_https)
+    }
+
     /// Answers 413 and counts it.
     async fn body_too_large(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         self.metrics.body_too_large.inc();
@@ -428,6 +440,10 @@ impl ProxyHttp for Edge {
                 .with_label_values(&[&invalid.status().to_string()])
                 .inc();
             respond(session, ctx, invalid.status(), invalid.reason()).await;
+            return Ok(true);
+        }
+        if let Some(port) = self.redirect_port(session, ctx) {
+            redirect_to_https(session, ctx, port).await;
             return Ok(true);
         }
         let req = session.req_header();
@@ -674,8 +690,17 @@ impl ProxyHttp for Edge {
         self.metrics.upstream_requests.inc();
         ctx.attempts += 1;
         let server = &pool.servers[lease.index];
-        let mut peer = Box::new(HttpPeer::new(server.addr, false, String::new()));
+        let sni = if pool.tls.enabled {
+            pool.sni_for(server)
+        } else {
+            String::new()
+        };
+        let mut peer = Box::new(HttpPeer::new(server.addr, pool.tls.enabled, sni));
         let o = &mut peer.options;
+        if pool.tls.enabled {
+            o.verify_cert = pool.tls.verify;
+            o.verify_hostname = pool.tls.verify;
+        }
         o.connection_timeout = Some(route.connect_timeout);
         o.total_connection_timeout = Some(route.connect_timeout);
         o.idle_timeout = Some(pool.timeouts.idle);
@@ -791,6 +816,11 @@ impl ProxyHttp for Edge {
             return Ok(());
         };
         headers::apply_response_edits(resp, &r.response_headers);
+        if let Some(hsts) = &r.hsts {
+            if session.digest().is_some_and(|d| d.ssl_digest.is_some()) {
+                let _ = resp.insert_header(http::header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+            }
+        }
         if ctx.upgraded || session.is_upgrade_req() {
             return Ok(());
         }
@@ -966,6 +996,34 @@ impl ProxyHttp for Edge {
     fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, e: &Error) -> bool {
         // the edge's own answers (404, 503, ...) are expected, not errors
         ctx.edge_status.is_some() && matches!(e.etype(), ErrorType::HTTPStatus(_))
+    }
+}
+
+/// Answers a 308 to the same host and path over https.
+async fn redirect_to_https(session: &mut Session, ctx: &mut Ctx, port: u16) {
+    ctx.edge_status = Some(308);
+    let req = session.req_header();
+    let host = headers::request_host(req)
+        .map(crate::route::strip_port)
+        .unwrap_or("");
+    let target = req.uri.path_and_query().map_or("/", |p| p.as_str());
+    let location = if port == 443 {
+        format!("https://{host}{target}")
+    } else {
+        format!("https://{host}:{port}{target}")
+    };
+    let Ok(mut resp) = ResponseHeader::build(308, Some(4)) else {
+        return;
+    };
+    let _ = resp.insert_header(http::header::LOCATION, location);
+    let _ = resp.insert_header("content-length", "0");
+    let _ = resp.insert_header(headers::X_REQUEST_ID, ctx.request_id.clone());
+    if let Err(e) = session
+        .as_downstream_mut()
+        .write_error_response(resp, Bytes::new())
+        .await
+    {
+        log::debug!("writing a redirect failed: {e}");
     }
 }
 

@@ -40,6 +40,15 @@ pub struct HealthSpec {
     pub expected: StatusSet,
 }
 
+/// TLS toward a pool's servers.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamTls {
+    pub enabled: bool,
+    /// SNI and verified name; `None`: the host of the server's configured address.
+    pub sni: Option<String>,
+    pub verify: bool,
+}
+
 /// Upstream timeouts.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -71,6 +80,7 @@ pub struct Pool {
     pub eject_after: u32,
     pub ejection_time: Duration,
     pub state: Arc<PoolState>,
+    pub tls: UpstreamTls,
     weights: Vec<u32>,
     selector: Selector,
 }
@@ -126,8 +136,29 @@ impl Pool {
             eject_after,
             ejection_time,
             state,
+            tls: UpstreamTls::default(),
             weights,
             selector,
+        }
+    }
+
+    /// Sets how the pool's servers are reached over TLS.
+    pub fn with_tls(mut self, tls: UpstreamTls) -> Pool {
+        self.tls = tls;
+        self
+    }
+
+    /// The SNI for a server of this pool.
+    pub fn sni_for(&self, server: &PoolServer) -> String {
+        if let Some(s) = &self.tls.sni {
+            return s.clone();
+        }
+        let host = server.label.split('#').next().unwrap_or("");
+        match host.rsplit_once(':') {
+            Some((h, _)) if h.parse::<std::net::IpAddr>().is_err() && !h.starts_with('[') => {
+                h.to_owned()
+            }
+            _ => String::new(),
         }
     }
 

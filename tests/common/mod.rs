@@ -246,9 +246,20 @@ pub struct Edge {
 
 /// The `[server]`, `[[listeners]]` and `[admin]` part tests use, for given ports.
 pub fn preamble(dir: &std::path::Path, port: u16, admin_port: u16) -> String {
+    preamble_with(dir, port, admin_port, "")
+}
+
+/// [`preamble`] with extra `[server]` keys.
+pub fn preamble_with(
+    dir: &std::path::Path,
+    port: u16,
+    admin_port: u16,
+    server_extra: &str,
+) -> String {
     format!(
         r#"
 [server]
+{server_extra}
 threads = 2
 grace_period = "0s"
 graceful_shutdown_timeout = "1s"
@@ -269,10 +280,15 @@ impl Edge {
     /// Starts the edge with `body` (pools, routes, client limits) after the test
     /// preamble, and waits until both listeners answer.
     pub async fn start(body: &str) -> Edge {
+        Self::start_with_server_extra("", body).await
+    }
+
+    /// Like [`Edge::start`], with extra keys in `[server]`.
+    pub async fn start_with_server_extra(server_extra: &str, body: &str) -> Edge {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let admin_port = free_port();
-        let header = preamble(dir.path(), port, admin_port);
+        let header = preamble_with(dir.path(), port, admin_port, server_extra);
         let config_path = dir.path().join("edge.toml");
         std::fs::write(&config_path, format!("{header}\n{body}")).expect("write config");
         let log = std::fs::File::create(dir.path().join("edge.log")).expect("log file");

@@ -1,0 +1,405 @@
+//! TLS termination through a real edge: SNI, h2 over ALPN, certificate swap on
+//! SIGHUP, a bad certificate keeping the old one, redirect and HSTS, mTLS, and TLS to
+//! upstreams with verification.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{free_port, servers, Edge, Origin};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A test certificate authority writing leaf certificates to files.
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+    dir: tempfile::TempDir,
+}
+
+impl Ca {
+    fn new() -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "wingman test CA");
+        let cert = params.self_signed(&key).unwrap();
+        Ca {
+            pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// Writes `<stem>.pem` and `<stem>.key` for `names`; returns their paths.
+    fn leaf(&self, stem: &str, names: &[&str], cn: &str) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let (c, k) = (
+            self.dir.path().join(format!("{stem}.pem")),
+            self.dir.path().join(format!("{stem}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    fn ca_file(&self) -> PathBuf {
+        let p = self.dir.path().join("ca.pem");
+        std::fs::write(&p, &self.pem).unwrap();
+        p
+    }
+
+    fn roots(&self) -> rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile::certs(&mut self.pem.as_bytes()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        roots
+    }
+}
+
+fn tls_listener(port: u16, certs: &[(PathBuf, PathBuf)], extra: &str) -> String {
+    let list: Vec<String> = certs
+        .iter()
+        .map(|(c, k)| {
+            format!(
+                "{{ cert = \"{}\", key = \"{}\" }}",
+                c.display(),
+                k.display()
+            )
+        })
+        .collect();
+    format!(
+        "[[listeners]]\naddress = \"127.0.0.1:{port}\"\n[listeners.tls]\ncertificates = [{}]\n{extra}\n",
+        list.join(", ")
+    )
+}
+
+fn pool(origin: &Origin, route_extra: &str) -> String {
+    format!(
+        "[[upstreams]]\nname = \"app\"\nservers = {}\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n{route_extra}\n",
+        servers(&[origin])
+    )
+}
+
+/// Handshakes with `sni` and returns the names (CN) of the certificate the edge
+/// presented, plus the open stream.
+async fn handshake(
+    port: u16,
+    sni: &str,
+    roots: rustls::RootCertStore,
+    client_auth: Option<(
+        Vec<CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    )>,
+) -> std::io::Result<(
+    String,
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+)> {
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let config = match client_auth {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut tls = connector
+        .connect(ServerName::try_from(sni.to_owned()).unwrap(), tcp)
+        .await?;
+    // a request completes the handshake on both sides (client certificate checks)
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await?;
+    let mut buf = [0u8; 12];
+    tls.read_exact(&mut buf).await?;
+    let cert = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).unwrap();
+    let cn = parsed
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|c| c.as_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    Ok((cn, tls))
+}
+
+#[tokio::test]
+async fn sni_chooses_the_certificate_and_h2_is_offered_over_alpn() {
+    let ca = Ca::new();
+    let a = ca.leaf("a", &["a.test"], "cert-a");
+    let b = ca.leaf("b", &["b.test", "*.b.test"], "cert-b");
+    let origin = Origin::start("o").await;
+    let port = free_port();
+    let edge = Edge::start(&format!(
+        "{}\n{}",
+        tls_listener(port, &[a, b], ""),
+        pool(&origin, "")
+    ))
+    .await;
+    assert_eq!(
+        handshake(port, "a.test", ca.roots(), None).await.unwrap().0,
+        "cert-a"
+    );
+    assert_eq!(
+        handshake(port, "b.test", ca.roots(), None).await.unwrap().0,
+        "cert-b"
+    );
+    assert_eq!(
+        handshake(port, "x.b.test", ca.roots(), None)
+            .await
+            .unwrap()
+            .0,
+        "cert-b"
+    );
+    // h2 over ALPN
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.pem.as_bytes()).unwrap())
+        .resolve("a.test", ([127, 0, 0, 1], port).into())
+        .build()
+        .unwrap();
+    let resp = client
+        .get(format!("https://a.test:{port}/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.text().await.unwrap(), "o");
+    assert_eq!(
+        origin.last_seen().unwrap().headers["x-forwarded-proto"],
+        "https"
+    );
+    drop(edge);
+}
+
+#[tokio::test]
+async fn a_certificate_swapped_on_sighup_is_seen_by_new_connections_only() {
+    let ca = Ca::new();
+    let (cert, key) = ca.leaf("site", &["a.test"], "first");
+    let origin = Origin::start("o").await;
+    let port = free_port();
+    let body = format!(
+        "{}\n{}",
+        tls_listener(port, &[(cert.clone(), key.clone())], ""),
+        pool(&origin, "")
+    );
+    let edge = Edge::start(&body).await;
+    let (cn, mut old) = handshake(port, "a.test", ca.roots(), None).await.unwrap();
+    assert_eq!(cn, "first");
+    drain_response(&mut old).await;
+    // replace the files and reload
+    let (c2, k2) = ca.leaf("next", &["a.test"], "second");
+    std::fs::copy(&c2, &cert).unwrap();
+    std::fs::copy(&k2, &key).unwrap();
+    assert_eq!(edge.reload(&body).await, 2);
+    assert_eq!(
+        handshake(port, "a.test", ca.roots(), None).await.unwrap().0,
+        "second"
+    );
+    // the connection made before the swap goes on
+    old.write_all(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 12];
+    old.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 200");
+}
+
+/// Reads the rest of one small response from the handshake's request.
+async fn drain_response(s: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>) {
+    let mut buf = vec![0u8; 4096];
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("\r\n\r\no") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test]
+async fn a_bad_certificate_on_reload_keeps_the_old_one() {
+    let ca = Ca::new();
+    let (cert, key) = ca.leaf("site", &["a.test"], "good");
+    let origin = Origin::start("o").await;
+    let port = free_port();
+    let body = format!(
+        "{}\n{}",
+        tls_listener(port, &[(cert.clone(), key.clone())], ""),
+        pool(&origin, "")
+    );
+    let edge = Edge::start(&body).await;
+    // a key that belongs to another certificate
+    let (_, other_key) = ca.leaf("other", &["a.test"], "other");
+    std::fs::copy(&other_key, &key).unwrap();
+    edge.sighup();
+    edge.wait_metric("wingman_edge_config_reloads_total{result=\"error\"}", 1.0)
+        .await;
+    assert!(edge.log().contains("does not go with"), "{}", edge.log());
+    assert_eq!(
+        handshake(port, "a.test", ca.roots(), None).await.unwrap().0,
+        "good"
+    );
+    // an unreadable file too
+    std::fs::write(&cert, "not a certificate").unwrap();
+    edge.sighup();
+    edge.wait_metric("wingman_edge_config_reloads_total{result=\"error\"}", 2.0)
+        .await;
+    assert_eq!(
+        handshake(port, "a.test", ca.roots(), None).await.unwrap().0,
+        "good"
+    );
+}
+
+#[tokio::test]
+async fn check_reports_a_mismatched_key_as_a_config_error() {
+    let ca = Ca::new();
+    let (cert, _) = ca.leaf("site", &["a.test"], "good");
+    let (_, wrong) = ca.leaf("other", &["b.test"], "other");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("edge.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "{}\n[[upstreams]]\nname = \"app\"\nservers = [{{ address = \"127.0.0.1:9\" }}]\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n",
+            tls_listener(8443, &[(cert, wrong)], "")
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wingman-edge"))
+        .arg("check")
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("listeners[0].tls.certificates") && err.contains("does not go with"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn cleartext_redirects_to_https_and_hsts_is_sent_over_tls_only() {
+    let ca = Ca::new();
+    let leaf = ca.leaf("a", &["a.test"], "a");
+    let origin = Origin::start("o").await;
+    let (tls_port, redirect_port) = (free_port(), free_port());
+    let edge = Edge::start(&format!(
+        "{}\n[[listeners]]\naddress = \"127.0.0.1:{redirect_port}\"\nredirect_to_https = true\nhttps_port = {tls_port}\n{}",
+        tls_listener(tls_port, &[leaf], ""),
+        pool(&origin, "hsts = \"max-age=63072000; includeSubDomains\"")
+    ))
+    .await;
+    let no_follow = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let resp = no_follow
+        .get(format!("http://127.0.0.1:{redirect_port}/path?q=1"))
+        .header("host", "a.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 308);
+    assert_eq!(
+        resp.headers()["location"],
+        format!("https://a.test:{tls_port}/path?q=1")
+    );
+    let plain = reqwest::get(edge.url("/")).await.unwrap();
+    assert!(plain.headers().get("strict-transport-security").is_none());
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.pem.as_bytes()).unwrap())
+        .resolve("a.test", ([127, 0, 0, 1], tls_port).into())
+        .build()
+        .unwrap();
+    let secure = client
+        .get(format!("https://a.test:{tls_port}/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        secure.headers()["strict-transport-security"],
+        "max-age=63072000; includeSubDomains"
+    );
+}
+
+#[tokio::test]
+async fn mtls_listener_requires_a_client_certificate_from_its_ca() {
+    let ca = Ca::new();
+    let leaf = ca.leaf("a", &["a.test"], "a");
+    let client_ca = Ca::new();
+    let (cc, ck) = client_ca.leaf("client", &["client.test"], "client");
+    let origin = Origin::start("o").await;
+    let port = free_port();
+    let _edge = Edge::start(&format!(
+        "{}\n{}",
+        tls_listener(
+            port,
+            &[leaf],
+            &format!("client_ca = \"{}\"", client_ca.ca_file().display())
+        ),
+        pool(&origin, "")
+    ))
+    .await;
+    assert!(handshake(port, "a.test", ca.roots(), None).await.is_err());
+    let chain: Vec<CertificateDer<'static>> =
+        rustls_pemfile::certs(&mut std::fs::read(&cc).unwrap().as_slice())
+            .map(|c| c.unwrap())
+            .collect();
+    let key = rustls_pemfile::private_key(&mut std::fs::read(&ck).unwrap().as_slice())
+        .unwrap()
+        .unwrap();
+    let (cn, _) = handshake(port, "a.test", ca.roots(), Some((chain, key)))
+        .await
+        .unwrap();
+    assert_eq!(cn, "a");
+}
+
+#[tokio::test]
+async fn upstream_tls_is_verified_against_the_configured_ca_and_name() {
+    let ca = Ca::new();
+    let leaf = ca.leaf("origin", &["origin.test"], "origin");
+    let origin = Origin::start("o").await;
+    // the "TLS origin" is an edge terminating TLS in front of the plain origin
+    let tls_port = free_port();
+    let _tls_origin = Edge::start(&format!(
+        "{}\n{}",
+        tls_listener(tls_port, &[leaf], ""),
+        pool(&origin, "")
+    ))
+    .await;
+    let ca_file = ca.ca_file();
+    let front = |sni: &str| {
+        format!(
+            "[[upstreams]]\nname = \"secure\"\ntls = true\nsni = \"{sni}\"\nservers = [{{ address = \"127.0.0.1:{tls_port}\" }}]\n[upstreams.passive]\nconsecutive_failures = 0\n[[routes]]\nname = \"all\"\nupstream = \"secure\"\n"
+        )
+    };
+    // the edge in front needs the CA: [server] upstream_ca_file goes in the preamble
+    let edge = Edge::start_with_server_extra(
+        &format!("upstream_ca_file = \"{}\"", ca_file.display()),
+        &front("origin.test"),
+    )
+    .await;
+    let resp = reqwest::get(edge.url("/via-tls")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "o");
+    let wrong = Edge::start_with_server_extra(
+        &format!("upstream_ca_file = \"{}\"", ca_file.display()),
+        &front("wrong.test"),
+    )
+    .await;
+    let resp = reqwest::get(wrong.url("/via-tls")).await.unwrap();
+    assert_eq!(resp.status(), 502, "a name mismatch must fail verification");
+}
