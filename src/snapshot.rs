@@ -116,6 +116,8 @@ pub struct Snapshot {
     pub admin: SocketAddr,
     /// Where spooled bodies go.
     pub temp_dir: std::path::PathBuf,
+    /// Token for admin actions (none: loopback only).
+    pub admin_token: Option<String>,
 }
 
 /// Why a validated config could not be turned into a snapshot.
@@ -307,6 +309,7 @@ impl Snapshot {
                 min_send_rate: cfg.client.min_send_rate.get(),
             },
             temp_dir: cfg.server.temp_dir.clone(),
+            admin_token: cfg.admin.token.clone().filter(|t| !t.is_empty()),
             listeners,
             admin: parse_addr(&cfg.admin.address)
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9901))),

@@ -213,12 +213,16 @@ pub struct Admin {
     /// `ip:port`; loopback by default, never public unless written here.
     #[serde(default = "default_admin_address")]
     pub address: String,
+    /// Bearer token for admin actions (drain, disable, enable, purge). Without a
+    /// token, actions are accepted from loopback clients only.
+    pub token: Option<String>,
 }
 
 impl Default for Admin {
     fn default() -> Self {
         Admin {
             address: default_admin_address(),
+            token: None,
         }
     }
 }

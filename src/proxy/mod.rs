@@ -980,7 +980,10 @@ impl ProxyHttp for Edge {
         if ctx.upgraded {
             self.metrics.websockets_active.dec();
         }
-        ctx.lease = None;
+        if let Some(lease) = ctx.lease.take() {
+            let ok = status != 0 && status < 500;
+            lease.server.record_request(ok, ctx.start.elapsed());
+        }
         if let Some(outcome) = ctx.cache_outcome {
             self.metrics
                 .cache_lookups

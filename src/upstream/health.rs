@@ -42,6 +42,9 @@ impl HealthChecker {
             let Some(spec) = &pool.health else { continue };
             for server in &pool.servers {
                 let st = &server.state;
+                if st.maintenance.load(Ordering::Relaxed) {
+                    continue; // disabled by an operator: no probes
+                }
                 if st.next_check_at.load(Ordering::Relaxed) > now
                     || st.check_running.swap(true, Ordering::AcqRel)
                 {

@@ -42,7 +42,20 @@ pub struct ServerState {
     in_flight: AtomicU32,
     /// Set by an admin action (drain): no new requests.
     pub disabled: AtomicBool,
+    /// Set by an admin action (disable): no new requests and no health checks.
+    pub maintenance: AtomicBool,
+    /// Requests answered by this server (final attempts).
+    pub requests: AtomicU64,
+    /// Of those, 5xx answers and failed exchanges.
+    pub errors: AtomicU64,
+    /// Response time histogram, buckets of [`LATENCY_BOUNDS_MS`] plus +Inf.
+    latency: [AtomicU64; LATENCY_BUCKETS],
 }
+
+/// Upper bounds (ms) of the per-server latency buckets shown on the status page.
+pub const LATENCY_BOUNDS_MS: [u64; 13] =
+    [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000];
+const LATENCY_BUCKETS: usize = LATENCY_BOUNDS_MS.len() + 1;
 
 impl ServerState {
     fn new(pool: &str, addr: SocketAddr) -> Self {
@@ -58,7 +71,68 @@ impl ServerState {
             check_running: AtomicBool::new(false),
             in_flight: AtomicU32::new(0),
             disabled: AtomicBool::new(false),
+            maintenance: AtomicBool::new(false),
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            latency: Default::default(),
         }
+    }
+
+    /// Records one finished request.
+    pub fn record_request(&self, ok: bool, took: Duration) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if !ok {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let ms = took.as_millis() as u64;
+        let i = LATENCY_BOUNDS_MS
+            .iter()
+            .position(|&b| ms <= b)
+            .unwrap_or(LATENCY_BOUNDS_MS.len());
+        self.latency[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Cumulative count per latency bucket.
+    pub fn latency_counts(&self) -> Vec<u64> {
+        self.latency
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// `enabled`, `draining`, `drained` or `disabled`.
+    pub fn admin_state(&self) -> &'static str {
+        if self.maintenance.load(Ordering::Relaxed) {
+            "disabled"
+        } else if self.disabled.load(Ordering::Relaxed) {
+            if self.in_flight() == 0 {
+                "drained"
+            } else {
+                "draining"
+            }
+        } else {
+            "enabled"
+        }
+    }
+
+    /// Applies an admin action: `drain`, `disable` or `enable`.
+    pub fn set_admin_state(&self, action: &str) -> bool {
+        match action {
+            "drain" => {
+                self.disabled.store(true, Ordering::Relaxed);
+                self.maintenance.store(false, Ordering::Relaxed);
+            }
+            "disable" => {
+                self.disabled.store(true, Ordering::Relaxed);
+                self.maintenance.store(true, Ordering::Relaxed);
+            }
+            "enable" => {
+                self.disabled.store(false, Ordering::Relaxed);
+                self.maintenance.store(false, Ordering::Relaxed);
+            }
+            _ => return false,
+        }
+        true
     }
 
     pub fn healthy(&self) -> bool {

@@ -246,15 +246,16 @@ pub struct Edge {
 
 /// The `[server]`, `[[listeners]]` and `[admin]` part tests use, for given ports.
 pub fn preamble(dir: &std::path::Path, port: u16, admin_port: u16) -> String {
-    preamble_with(dir, port, admin_port, "")
+    preamble_with(dir, port, admin_port, "", "")
 }
 
-/// [`preamble`] with extra `[server]` keys.
+/// [`preamble`] with extra `[server]` and `[admin]` keys.
 pub fn preamble_with(
     dir: &std::path::Path,
     port: u16,
     admin_port: u16,
     server_extra: &str,
+    admin_extra: &str,
 ) -> String {
     format!(
         r#"
@@ -271,6 +272,7 @@ address = "127.0.0.1:{port}"
 
 [admin]
 address = "127.0.0.1:{admin_port}"
+{admin_extra}
 "#,
         dir = dir.display()
     )
@@ -285,10 +287,15 @@ impl Edge {
 
     /// Like [`Edge::start`], with extra keys in `[server]`.
     pub async fn start_with_server_extra(server_extra: &str, body: &str) -> Edge {
+        Self::start_with(server_extra, "", body).await
+    }
+
+    /// Like [`Edge::start`], with extra keys in `[server]` and in `[admin]`.
+    pub async fn start_with(server_extra: &str, admin_extra: &str, body: &str) -> Edge {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let admin_port = free_port();
-        let header = preamble_with(dir.path(), port, admin_port, server_extra);
+        let header = preamble_with(dir.path(), port, admin_port, server_extra, admin_extra);
         let config_path = dir.path().join("edge.toml");
         std::fs::write(&config_path, format!("{header}\n{body}")).expect("write config");
         let log = std::fs::File::create(dir.path().join("edge.log")).expect("log file");

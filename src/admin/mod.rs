@@ -1,6 +1,12 @@
-//! The admin listener: `/metrics` (Prometheus text), `/healthz` (liveness) and
-//! `/status` (JSON: generation, pools, servers, health, in-flight, queue).
-//! It only reads: the snapshot handle and the metrics registry.
+//! The admin listener, like HAProxy's stats page:
+//! - `/metrics` (Prometheus text), `/healthz` (liveness);
+//! - `/status` (JSON: generation, pools, servers with health, admin state, weight,
+//!   in-flight, queue, request and error counts and a latency histogram; cache
+//!   lookups) and `/` (an HTML page without external assets that polls `/status`
+//!   and shows rates and p50/p95/p99 from the deltas);
+//! - actions: `POST /api/servers/{pool}/{server}/{drain|disable|enable}` and
+//!   `POST /cache/purge?url=|prefix=`, allowed with `Authorization: Bearer <admin.token>`
+//!   or, when no token is configured, from loopback clients only.
 
 use std::sync::Arc;
 
@@ -36,7 +42,23 @@ impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_owned();
         let snap = self.snapshots.load_full();
+        if let Some(rest) = path.strip_prefix("/api/servers/") {
+            if let Err(denied) = self.authorize(session, &snap) {
+                return denied;
+            }
+            return self.server_action(session, rest, &snap);
+        }
+        if path == "/cache/purge" {
+            if let Err(denied) = self.authorize(session, &snap) {
+                return denied;
+            }
+        }
         match path.as_str() {
+            "/" | "/status.html" => reply(
+                200,
+                "text/html; charset=utf-8",
+                include_bytes!("status.html").to_vec(),
+            ),
             "/metrics" => {
                 if let Some(cache) = self.cache {
                     let st = cache.stats();
@@ -52,17 +74,113 @@ impl ServeHttp for Admin {
             }
             "/cache/purge" => self.purge(session).await,
             "/healthz" => reply(200, "text/plain; charset=utf-8", b"ok\n".to_vec()),
-            "/status" => reply(
-                200,
-                "application/json",
-                serde_json::to_vec_pretty(&status(&snap)).unwrap_or_default(),
-            ),
+            "/status" => {
+                let mut doc = status(&snap);
+                let lookups = |r: &str| self.metrics.cache_lookups.with_label_values(&[r]).get();
+                doc["cache"] = json!({
+                    "hits": lookups("hit") + lookups("stale"),
+                    "misses": lookups("miss") + lookups("expired") + lookups("uncacheable"),
+                    "bypass": lookups("bypass"),
+                });
+                reply(
+                    200,
+                    "application/json",
+                    serde_json::to_vec_pretty(&doc).unwrap_or_default(),
+                )
+            }
             _ => reply(404, "text/plain; charset=utf-8", b"not found\n".to_vec()),
         }
     }
 }
 
 impl Admin {
+    /// Admin actions need the configured token, or a loopback client when none is set.
+    #[allow(clippy::result_large_err)]
+    fn authorize(&self, session: &ServerSession, snap: &Snapshot) -> Result<(), Response<Vec<u8>>> {
+        let text = "text/plain; charset=utf-8";
+        match &snap.admin_token {
+            Some(token) => {
+                let given = session
+                    .req_header()
+                    .headers
+                    .get(http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "));
+                if given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+                    Ok(())
+                } else {
+                    Err(reply(401, text, b"admin token required\n".to_vec()))
+                }
+            }
+            None => {
+                let loopback = session
+                    .client_addr()
+                    .and_then(|a| a.as_inet())
+                    .is_some_and(|a| a.ip().is_loopback());
+                if loopback {
+                    Ok(())
+                } else {
+                    Err(reply(
+                        403,
+                        text,
+                        b"admin actions are loopback-only without a token\n".to_vec(),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// `{pool}/{server}/{action}`.
+    fn server_action(
+        &self,
+        session: &ServerSession,
+        rest: &str,
+        snap: &Snapshot,
+    ) -> Response<Vec<u8>> {
+        let text = "text/plain; charset=utf-8";
+        if session.req_header().method != http::Method::POST {
+            return reply(405, text, b"use POST\n".to_vec());
+        }
+        let parts: Vec<String> = rest.split('/').map(percent_decode).collect();
+        let [pool, server, action] = parts.as_slice() else {
+            return reply(
+                404,
+                text,
+                b"use /api/servers/{pool}/{server}/{drain|disable|enable}\n".to_vec(),
+            );
+        };
+        let Some(p) = snap.pool(pool) else {
+            return reply(404, text, format!("no pool {pool:?}\n").into_bytes());
+        };
+        let Some(s) = p
+            .servers
+            .iter()
+            .find(|s| s.label == *server || s.addr.to_string() == *server)
+        else {
+            return reply(
+                404,
+                text,
+                format!("no server {server:?} in pool {pool:?}\n").into_bytes(),
+            );
+        };
+        if !s.state.set_admin_state(action) {
+            return reply(
+                400,
+                text,
+                format!("unknown action {action:?}\n").into_bytes(),
+            );
+        }
+        log::warn!("admin: {action} {pool}/{server}");
+        reply(
+            200,
+            "application/json",
+            serde_json::to_vec(&json!({
+                "pool": pool, "server": s.label, "state": s.state.admin_state()
+            }))
+            .unwrap_or_default(),
+        )
+    }
+
     /// `POST /cache/purge?url=http://host/path?query` removes one URL (every variant);
     /// `?prefix=http://host/path-prefix` removes everything under a prefix.
     async fn purge(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
@@ -181,8 +299,12 @@ pub fn status(snap: &Snapshot) -> serde_json::Value {
                         "healthy": s.state.healthy(),
                         "ejected": s.state.ejected(),
                         "disabled": s.state.disabled.load(std::sync::atomic::Ordering::Relaxed),
+                        "admin_state": s.state.admin_state(),
                         "available": s.state.available(),
                         "in_flight": s.state.in_flight(),
+                        "requests": s.state.requests.load(std::sync::atomic::Ordering::Relaxed),
+                        "errors": s.state.errors.load(std::sync::atomic::Ordering::Relaxed),
+                        "latency_counts": s.state.latency_counts(),
                     })
                 })
                 .collect();
@@ -203,7 +325,12 @@ pub fn status(snap: &Snapshot) -> serde_json::Value {
         .collect();
     json!({
         "generation": snap.generation,
+        "latency_bounds_ms": crate::upstream::state::LATENCY_BOUNDS_MS,
         "pools": pools,
         "routes": routes,
     })
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

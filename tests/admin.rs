@@ -1,0 +1,173 @@
+//! The admin listener: status page, JSON status, drain/disable/enable actions and
+//! their protection.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{servers, wait_until, Edge, Origin};
+
+fn two_pool(a: &Origin, b: &Origin, admin_extra: &str) -> String {
+    format!(
+        r#"
+{admin_extra}
+[[upstreams]]
+name = "app"
+servers = {}
+[upstreams.health_check]
+interval = "100ms"
+timeout = "500ms"
+
+[[routes]]
+name = "all"
+upstream = "app"
+"#,
+        servers(&[a, b])
+    )
+}
+
+async fn action(edge: &Edge, server: &str, what: &str, token: Option<&str>) -> reqwest::Response {
+    let mut req =
+        reqwest::Client::new().post(edge.admin_url(&format!("/api/servers/app/{server}/{what}")));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    req.send().await.unwrap()
+}
+
+async fn who_answers(edge: &Edge, n: usize) -> Vec<String> {
+    let c = reqwest::Client::new();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(
+            c.get(edge.url("/"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+        );
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_drained_server_gets_no_new_requests_until_enabled() {
+    let a = Origin::start("a").await;
+    let b = Origin::start("b").await;
+    let edge = Edge::start(&two_pool(&a, &b, "")).await;
+    let addr = a.addr.to_string();
+    let resp = action(&edge, &addr, "drain", None).await;
+    assert_eq!(resp.status(), 200);
+    let state = edge.server_status("app", &addr).await;
+    assert_eq!(state["admin_state"], "drained");
+    assert!(who_answers(&edge, 10).await.iter().all(|w| w == "b"));
+    assert_eq!(action(&edge, &addr, "enable", None).await.status(), 200);
+    let answers = who_answers(&edge, 10).await;
+    assert!(answers.iter().any(|w| w == "a"), "{answers:?}");
+}
+
+#[tokio::test]
+async fn a_disabled_server_is_not_probed() {
+    let a = Origin::start("a").await;
+    let b = Origin::start("b").await;
+    let edge = Edge::start(&two_pool(&a, &b, "")).await;
+    let addr = a.addr.to_string();
+    let probes = |o: &Origin| o.state.probes.load(std::sync::atomic::Ordering::SeqCst);
+    wait_until(Duration::from_secs(10), "first probes", || async {
+        probes(&a) > 0
+    })
+    .await;
+    assert_eq!(action(&edge, &addr, "disable", None).await.status(), 200);
+    let at_disable = probes(&a);
+    // b keeps being probed meanwhile
+    let b_before = probes(&b);
+    wait_until(Duration::from_secs(10), "b probed again", || async {
+        probes(&b) >= b_before + 3
+    })
+    .await;
+    assert!(probes(&a) <= at_disable + 1, "a disabled server was probed");
+    assert_eq!(
+        edge.server_status("app", &addr).await["admin_state"],
+        "disabled"
+    );
+    assert!(who_answers(&edge, 6).await.iter().all(|w| w == "b"));
+}
+
+#[tokio::test]
+async fn actions_need_the_token_when_one_is_configured() {
+    let a = Origin::start("a").await;
+    let b = Origin::start("b").await;
+    let edge = Edge::start_with("", "token = \"s3cret\"", &two_pool(&a, &b, "")).await;
+    let addr = a.addr.to_string();
+    assert_eq!(action(&edge, &addr, "drain", None).await.status(), 401);
+    assert_eq!(
+        action(&edge, &addr, "drain", Some("wrong")).await.status(),
+        401
+    );
+    assert_eq!(
+        action(&edge, &addr, "drain", Some("s3cret")).await.status(),
+        200
+    );
+    assert_eq!(
+        action(&edge, &addr, "explode", Some("s3cret"))
+            .await
+            .status(),
+        400
+    );
+    assert_eq!(
+        action(&edge, "10.9.9.9:1", "drain", Some("s3cret"))
+            .await
+            .status(),
+        404
+    );
+    let purge = reqwest::Client::new()
+        .post(edge.admin_url("/cache/purge?prefix=http://x/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(purge.status(), 401);
+}
+
+#[tokio::test]
+async fn the_status_page_is_self_contained_and_the_json_carries_per_server_stats() {
+    let a = Origin::start("a").await;
+    let b = Origin::start("b").await;
+    let edge = Edge::start(&two_pool(&a, &b, "")).await;
+    let page = reqwest::get(edge.admin_url("/")).await.unwrap();
+    assert_eq!(page.headers()["content-type"], "text/html; charset=utf-8");
+    let html = page.text().await.unwrap();
+    assert!(html.contains("<table") && html.contains("fetch(\"/status\""));
+    assert!(
+        !html.contains("src=\"http") && !html.contains("href=\"http"),
+        "external assets"
+    );
+    for _ in 0..6 {
+        reqwest::get(edge.url("/status/503")).await.unwrap();
+    }
+    let edge_ref = &edge;
+    wait_until(Duration::from_secs(10), "stats", || async move {
+        let st = edge_ref.status().await;
+        let total: u64 = st["pools"][0]["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["requests"].as_u64().unwrap())
+            .sum();
+        total == 6
+    })
+    .await;
+    let st = edge.status().await;
+    let servers = st["pools"][0]["servers"].as_array().unwrap();
+    let errors: u64 = servers.iter().map(|s| s["errors"].as_u64().unwrap()).sum();
+    assert_eq!(errors, 6);
+    let counted: u64 = servers
+        .iter()
+        .flat_map(|s| s["latency_counts"].as_array().unwrap().iter())
+        .map(|c| c.as_u64().unwrap())
+        .sum();
+    assert_eq!(counted, 6);
+    assert!(st["latency_bounds_ms"].as_array().unwrap().len() > 5);
+    assert!(st["cache"]["hits"].is_u64());
+}
