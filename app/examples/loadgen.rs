@@ -25,7 +25,8 @@ use tokio_tungstenite::tungstenite::Message as WsMsg;
 
 #[derive(Parser, Clone)]
 struct Args {
-    /// Base URL of the app or of the edge in front of it (loopback only).
+    /// Base URL of the app or of the edge in front of it (loopback only). Several
+    /// comma-separated URLs spread the users over several instances round-robin.
     #[arg(long, default_value = "http://127.0.0.1:3000")]
     url: String,
     /// Virtual users running the scenario.
@@ -75,6 +76,13 @@ struct Client {
     http: reqwest::Client,
     base: String,
     stats: Arc<Stats>,
+}
+
+fn bases(url: &str) -> Vec<String> {
+    url.split(',')
+        .map(|u| u.trim().trim_end_matches('/').to_string())
+        .filter(|u| !u.is_empty())
+        .collect()
 }
 
 impl Client {
@@ -269,18 +277,25 @@ fn loopback_only(url: &str) {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    loopback_only(&args.url);
+    let urls = bases(&args.url);
+    urls.iter().for_each(|u| loopback_only(u));
     let stats = Arc::new(Stats::default());
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(args.users + 16)
         .timeout(Duration::from_secs(30))
         .build()
         .expect("client");
-    let client = Arc::new(Client {
-        http,
-        base: args.url.trim_end_matches('/').to_string(),
-        stats: stats.clone(),
-    });
+    let clients: Vec<Arc<Client>> = urls
+        .iter()
+        .map(|u| {
+            Arc::new(Client {
+                http: http.clone(),
+                base: u.clone(),
+                stats: stats.clone(),
+            })
+        })
+        .collect();
+    let client = clients[0].clone();
 
     eprintln!("setup: {} users × {} conversations", args.users, args.conversations);
     let names: Vec<String> = (0..args.users).map(|i| format!("{}{i}", args.prefix)).collect();
@@ -306,7 +321,7 @@ async fn main() {
         let socks: Vec<Option<Ws>> = futures::stream::iter(0..args.idle_sockets)
             .map(|i| {
                 let t = tokens[i % tokens.len()].clone();
-                let base = client.base.clone();
+                let base = clients[i % clients.len()].base.clone();
                 async move { connect_ws(&base, &t).await }
             })
             .buffer_unordered(64)
@@ -320,8 +335,13 @@ async fn main() {
     let deadline = run_start + Duration::from_secs(args.duration);
     eprintln!("running {} virtual users for {} s", args.users, args.duration);
     let mut tasks = tokio::task::JoinSet::new();
-    for name in names {
-        tasks.spawn(virtual_user(client.clone(), name, args.clone(), deadline));
+    for (i, name) in names.into_iter().enumerate() {
+        tasks.spawn(virtual_user(
+            clients[i % clients.len()].clone(),
+            name,
+            args.clone(),
+            deadline,
+        ));
     }
     while tasks.join_next().await.is_some() {}
     let elapsed = run_start.elapsed().as_secs_f64();

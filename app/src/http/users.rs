@@ -66,6 +66,15 @@ fn validate_display_name(name: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Bounds concurrent password hashes to the CPU count: each Argon2 hash holds
+/// `auth.argon2_memory_kib` of memory, and a burst of logins must queue, not allocate
+/// gigabytes at once.
+fn hash_slots() -> &'static tokio::sync::Semaphore {
+    static SLOTS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    SLOTS
+        .get_or_init(|| tokio::sync::Semaphore::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)))
+}
+
 fn argon2(state: &AppState) -> Result<Argon2<'static>, ApiError> {
     let a = &state.settings.auth;
     let params = Params::new(a.argon2_memory_kib, a.argon2_iterations, 1, None)
@@ -95,6 +104,10 @@ async fn register(
     validate_display_name(&display_name)?;
     let hasher = argon2(&state)?;
     let password = body.password;
+    let _slot = hash_slots()
+        .acquire()
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     let hash = tokio::task::spawn_blocking(move || {
         let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>()).map_err(|e| e.to_string())?;
         hasher
@@ -119,6 +132,10 @@ async fn login(State(state): State<AppState>, ApiJson(body): ApiJson<Login>) -> 
     let hasher = argon2(&state)?;
     let stored = creds.as_ref().map(|c| c.password_hash.clone());
     let password = body.password;
+    let _slot = hash_slots()
+        .acquire()
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     let ok = tokio::task::spawn_blocking(move || {
         let Some(stored) = stored else { return false };
         PasswordHash::new(&stored)

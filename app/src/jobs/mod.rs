@@ -1,10 +1,11 @@
 //! Background jobs on apalis 1.0: the `ai` queue (streamed AI replies, I/O bound, high
 //! concurrency) and the `heavy` queue (CPU-bound conversation exports, low concurrency).
 //!
-//! Queues are durable in the app's own database: apalis-sqlite in the same SQLite file
-//! (this instance's workers are woken right after it enqueues; jobs enqueued by other
-//! instances are found by polling every `jobs.poll_interval`) or apalis-postgres
-//! (LISTEN/NOTIFY wakes every instance).
+//! Queues are durable in the app's own database: apalis-sqlite in the same SQLite file, or
+//! apalis-postgres. This instance's workers are woken right after it enqueues; jobs
+//! enqueued by other instances are found by polling every `jobs.poll_interval`. (apalis'
+//! own PostgreSQL LISTEN/NOTIFY strategy stalled under load in the benchmark — replies
+//! took ~26 s — and its `Pubsub` type is private, so it cannot be combined with polling.)
 //! Workers have per-queue concurrency, a timeout per attempt, retries with exponential
 //! backoff, and orphaned jobs of a dead worker are re-enqueued by apalis (heartbeats).
 
@@ -77,6 +78,8 @@ pub enum Queues {
     Postgres {
         ai: PostgresStorage<AiJob>,
         heavy: PostgresStorage<ExportJob>,
+        wake_ai: Wake,
+        wake_heavy: Wake,
     },
 }
 
@@ -106,7 +109,11 @@ impl Queues {
                 let _ = wake_ai.unbounded_send(());
                 Ok(())
             }
-            Queues::Postgres { ai, .. } => ai.clone().push(job).await.map_err(|e| JobError::Open(e.to_string())),
+            Queues::Postgres { ai, wake_ai, .. } => {
+                ai.clone().push(job).await.map_err(|e| JobError::Open(e.to_string()))?;
+                let _ = wake_ai.unbounded_send(());
+                Ok(())
+            }
         }
     }
 
@@ -121,7 +128,15 @@ impl Queues {
                 let _ = wake_heavy.unbounded_send(());
                 Ok(())
             }
-            Queues::Postgres { heavy, .. } => heavy.clone().push(job).await.map_err(|e| JobError::Open(e.to_string())),
+            Queues::Postgres { heavy, wake_heavy, .. } => {
+                heavy
+                    .clone()
+                    .push(job)
+                    .await
+                    .map_err(|e| JobError::Open(e.to_string()))?;
+                let _ = wake_heavy.unbounded_send(());
+                Ok(())
+            }
         }
     }
 
@@ -131,7 +146,7 @@ impl Queues {
                 ai: pending(&ai.fetch_by_queue().await?),
                 heavy: pending(&heavy.fetch_by_queue().await?),
             },
-            Queues::Postgres { ai, heavy } => Depth {
+            Queues::Postgres { ai, heavy, .. } => Depth {
                 ai: pending(&ai.fetch_by_queue().await?),
                 heavy: pending(&heavy.fetch_by_queue().await?),
             },
@@ -222,7 +237,10 @@ pub async fn start(
         let (ai_pool, heavy_pool) = (pool.clone(), pool);
         let (wake_ai, ai_hook) = futures::channel::mpsc::unbounded::<()>();
         let (wake_heavy, heavy_hook) = futures::channel::mpsc::unbounded::<()>();
-        let ai_cfg = apalis_sqlite::Config::default().queue(&ai_queue).batch_size(32);
+        let ai_cfg = apalis_sqlite::Config::default()
+            .queue(&ai_queue)
+            .batch_size(32)
+            .persist_results(false);
         let heavy_cfg = apalis_sqlite::Config::default()
             .queue(&heavy_queue)
             .batch_size(settings.heavy_concurrency);
@@ -279,17 +297,26 @@ pub async fn start(
             .run(&pool)
             .await
             .map_err(|e| JobError::Open(format!("apalis migrations: {e}")))?;
-        let ai_cfg = apalis_postgres::Config::default().queue(&ai_queue).batch_size(32);
+        let ai_cfg = apalis_postgres::Config::default()
+            .queue(&ai_queue)
+            .batch_size(32)
+            .persist_results(false);
         let heavy_cfg = apalis_postgres::Config::default()
             .queue(&heavy_queue)
             .batch_size(settings.heavy_concurrency);
+        let (wake_ai, ai_wake_rx) = futures::channel::mpsc::unbounded::<()>();
+        let (wake_heavy, heavy_wake_rx) = futures::channel::mpsc::unbounded::<()>();
         let ai = PostgresStorage::<AiJob>::new(&pool).with_config(ai_cfg);
         let heavy = PostgresStorage::<ExportJob>::new(&pool).with_config(heavy_cfg);
         handles.push(spawn_worker!(
             format!("ai-{instance}"),
             {
+                // local wake-up after an enqueue here, polling for jobs from other instances
+                let strategy = Strategy::new()
+                    .stream(ai_wake_rx.ready_chunks(32))
+                    .interval(settings.poll_interval);
                 let ai = ai.clone();
-                move || ai.clone().with_pubsub()
+                move || ai.clone().poll_with_strategy(strategy.clone())
             },
             run_ai,
             settings.ai_concurrency,
@@ -301,8 +328,11 @@ pub async fn start(
         handles.push(spawn_worker!(
             format!("heavy-{instance}"),
             {
+                let strategy = Strategy::new()
+                    .stream(heavy_wake_rx.ready_chunks(8))
+                    .interval(settings.poll_interval);
                 let heavy = heavy.clone();
-                move || heavy.clone().with_pubsub()
+                move || heavy.clone().poll_with_strategy(strategy.clone())
             },
             run_export,
             settings.heavy_concurrency,
@@ -311,19 +341,26 @@ pub async fn start(
             ctx.clone(),
             stop.clone()
         ));
-        Queues::Postgres { ai, heavy }
+        Queues::Postgres {
+            ai,
+            heavy,
+            wake_ai,
+            wake_heavy,
+        }
     };
     Ok((queues, Workers { handles }))
 }
 
-/// The job queue's pool on the app's SQLite file, with the app's connection options
-/// (WAL, `synchronous=NORMAL`, `busy_timeout`).
+/// The job queue's own pool on the app's SQLite file, with the app's connection options
+/// (WAL, `synchronous=NORMAL`, `busy_timeout`). It must not share the store's single
+/// writer connection: apalis holds its connection while it waits for running jobs at
+/// shutdown, and those jobs need the writer to store their replies (a deadlock found by
+/// `tests/shutdown.rs`).
 async fn sqlite_pool(db: &DatabaseSettings) -> Result<sqlx::SqlitePool, JobError> {
-    let options = crate::store::sqlite::connect_options(db)?;
     let pool = sqlx::sqlite::SqlitePoolOptions::new()
-        .max_connections(4)
+        .max_connections(2)
         .acquire_timeout(db.acquire_timeout)
-        .connect_with(options)
+        .connect_with(crate::store::sqlite::connect_options(db)?)
         .await
         .map_err(|e| JobError::Open(e.to_string()))?;
     let mut migrator = SqliteStorage::<()>::migrations();

@@ -242,7 +242,7 @@ macro_rules! impl_store {
             .bind(password_hash)
             .bind(display_name)
             .bind(now_ms())
-            .fetch_one(&self.pool)
+            .fetch_one(&self.writer)
             .await
             .map_err(|e| match &e {
                 sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict("username"),
@@ -266,7 +266,7 @@ macro_rules! impl_store {
             )
             .bind(display_name)
             .bind(user_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.writer)
             .await
             .map_err(|e| StoreError::from_sqlx("update_display_name", e))
         }
@@ -277,7 +277,7 @@ macro_rules! impl_store {
                 .bind(user_id)
                 .bind(now_ms())
                 .bind(expires_at)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await
                 .map_err(|e| StoreError::from_sqlx("create_session", e))?;
             Ok(())
@@ -305,7 +305,7 @@ macro_rules! impl_store {
             .bind(user_id)
             .bind(title)
             .bind(now)
-            .fetch_one(&self.pool)
+            .fetch_one(&self.writer)
             .await
             .map_err(|e| StoreError::from_sqlx("create_conversation", e))
         }
@@ -313,7 +313,7 @@ macro_rules! impl_store {
         async fn import_conversation(&self, user_id: i64, title: &str, messages: &[NewMessage]) -> StoreResult<Conversation> {
             let op = "import_conversation";
             let now = now_ms();
-            let mut tx = self.pool.begin().await.map_err(|e| StoreError::from_sqlx(op, e))?;
+            let mut tx = self.writer.begin().await.map_err(|e| StoreError::from_sqlx(op, e))?;
             let (id,): (i64,) = sqlx::query_as::<$db, (i64,)>(
                 "INSERT INTO conversations (user_id, title, created_at, updated_at) VALUES ($1, $2, $3, $3) RETURNING id",
             )
@@ -350,7 +350,7 @@ macro_rules! impl_store {
                 .bind(title)
                 .bind(id)
                 .bind(user_id)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await
                 .map_err(|e| StoreError::from_sqlx("rename_conversation", e))?;
             if done.rows_affected() == 0 {
@@ -363,7 +363,7 @@ macro_rules! impl_store {
             let done = sqlx::query::<$db>("DELETE FROM conversations WHERE id = $1 AND user_id = $2")
                 .bind(id)
                 .bind(user_id)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await
                 .map_err(|e| StoreError::from_sqlx("delete_conversation", e))?;
             Ok(done.rows_affected() > 0)
@@ -432,7 +432,7 @@ macro_rules! impl_store {
         async fn insert_message(&self, conversation_id: i64, role: &str, content: &str, reply_to: Option<i64>) -> StoreResult<Option<Message>> {
             let op = "insert_message";
             let now = now_ms();
-            let mut tx = self.pool.begin().await.map_err(|e| StoreError::from_sqlx(op, e))?;
+            let mut tx = self.writer.begin().await.map_err(|e| StoreError::from_sqlx(op, e))?;
             let inserted = sqlx::query_as::<$db, Message>(
                 "INSERT INTO messages (conversation_id, role, content, reply_to, created_at) VALUES ($1, $2, $3, $4, $5) \
                  ON CONFLICT (reply_to) WHERE reply_to IS NOT NULL DO NOTHING \
@@ -492,7 +492,7 @@ macro_rules! impl_store {
             .bind(conversation_id)
             .bind(body)
             .bind(now_ms())
-            .fetch_one(&self.pool)
+            .fetch_one(&self.writer)
             .await
             .map_err(|e| StoreError::from_sqlx("save_export", e))
         }
@@ -509,8 +509,8 @@ macro_rules! impl_store {
 
         fn pool_stats(&self) -> PoolStats {
             PoolStats {
-                size: self.pool.size(),
-                idle: self.pool.num_idle() as u32,
+                size: self.pool.size() + self.extra_writer_size(),
+                idle: self.pool.num_idle() as u32 + self.extra_writer_idle(),
             }
         }
 
@@ -524,6 +524,7 @@ macro_rules! impl_store {
 
         async fn close(&self) {
             self.pool.close().await;
+            self.writer.close().await;
         }
         }
     };

@@ -14,6 +14,8 @@ use crate::config::DatabaseSettings;
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// The same pool (PostgreSQL handles concurrent writers itself).
+    writer: PgPool,
 }
 
 impl PgStore {
@@ -46,11 +48,22 @@ impl PgStore {
         migrator.set_ignore_missing(true);
         // sqlx takes pg_advisory_lock around the run, so instances may start together.
         migrator.run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            writer: pool.clone(),
+            pool,
+        })
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    fn extra_writer_size(&self) -> u32 {
+        0
+    }
+
+    fn extra_writer_idle(&self) -> u32 {
+        0
     }
 }
 

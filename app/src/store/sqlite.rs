@@ -11,10 +11,13 @@ use sqlx::SqlitePool;
 use super::*;
 use crate::config::DatabaseSettings;
 
-/// SQLite implementation of [`Store`].
+/// SQLite implementation of [`Store`]. Reads use a pool; every write of the store goes
+/// through one writer connection, so writers queue in-process (fair, no busy-wait)
+/// instead of sleeping in SQLite's busy handler. (The job queue has its own small pool.)
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    writer: SqlitePool,
 }
 
 /// Connect options shared by the store pool and the job queue pool.
@@ -37,6 +40,13 @@ pub(crate) fn migrate_lock() -> &'static tokio::sync::Mutex<()> {
 
 impl SqliteStore {
     pub async fn open(settings: &DatabaseSettings) -> StoreResult<Self> {
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(settings.acquire_timeout)
+            .max_lifetime(settings.max_lifetime)
+            .connect_with(connect_options(settings)?)
+            .await
+            .map_err(|e| StoreError::Open(format!("{}: {e}", settings.url)))?;
         let pool = SqlitePoolOptions::new()
             .max_connections(settings.max_connections)
             .min_connections(settings.min_connections)
@@ -51,15 +61,28 @@ impl SqliteStore {
         // The job queue (apalis) records its own migrations in the same table.
         migrator.set_ignore_missing(true);
         // Another process may migrate at the same moment: a second attempt sees its work.
-        if let Err(first) = migrator.run(&pool).await {
+        if let Err(first) = migrator.run(&writer).await {
             tracing::warn!(error = %first, "sqlite migration failed, retrying once");
-            migrator.run(&pool).await?;
+            migrator.run(&writer).await?;
         }
-        Ok(Self { pool })
+        Ok(Self { pool, writer })
     }
 
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// The single-connection pool all of the store's writes go through.
+    pub fn writer(&self) -> &SqlitePool {
+        &self.writer
+    }
+
+    fn extra_writer_size(&self) -> u32 {
+        self.writer.size()
+    }
+
+    fn extra_writer_idle(&self) -> u32 {
+        self.writer.num_idle() as u32
     }
 }
 
