@@ -46,11 +46,12 @@ pub fn init_logging() {
 }
 
 /// Counts `sqlx::query` events (one per executed statement) that touch the app's own
-/// tables, ignoring the job queue's. Enable it with a subscriber that lets
+/// tables, ignoring the job queue's and transaction control (BEGIN/COMMIT/…). Enable it with a subscriber that lets
 /// `sqlx::query=debug` through.
 #[derive(Debug, Clone, Default)]
 pub struct QueryCounter {
     count: Arc<AtomicU64>,
+    log: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl QueryCounter {
@@ -59,6 +60,13 @@ impl QueryCounter {
     }
     pub fn get(&self) -> u64 {
         self.count.load(Ordering::SeqCst)
+    }
+    /// The statements counted from position `from` on (for assertion messages).
+    pub fn statements_since(&self, from: u64) -> Vec<String> {
+        self.log
+            .lock()
+            .map(|l| l.iter().skip(from as usize).cloned().collect())
+            .unwrap_or_default()
     }
 }
 
@@ -83,6 +91,16 @@ impl<S: tracing::Subscriber> Layer<S> for QueryCounter {
         let mut sql = SqlText::default();
         event.record(&mut sql);
         let text = sql.0.to_ascii_lowercase();
+        // Transaction control carries no table name, so it cannot be attributed (the job
+        // queue's transactions would be counted); only data statements are counted.
+        let first = text.split_whitespace().next().unwrap_or("");
+        if matches!(first, "begin" | "commit" | "rollback" | "savepoint" | "release") {
+            return;
+        }
+        // sqlx's own catalog lookups (PostgreSQL type OIDs of the job queue's custom types)
+        if text.contains("pg_catalog") {
+            return;
+        }
         // apalis tables (`Jobs`, `Workers`, `apalis.*`) and migration bookkeeping
         if text.starts_with("pragma")
             || text.contains("jobs")
@@ -91,6 +109,9 @@ impl<S: tracing::Subscriber> Layer<S> for QueryCounter {
             || text.contains("_sqlx_migrations")
         {
             return;
+        }
+        if let Ok(mut log) = self.log.lock() {
+            log.push(text);
         }
         self.count.fetch_add(1, Ordering::SeqCst);
     }

@@ -226,25 +226,43 @@ async fn conversations_crud_and_list_preview(backend: Backend) {
     let a = app.new_conversation(&token, "first").await;
     let b = app.new_conversation(&token, "second").await;
     let c = app.new_conversation(&token, "third").await;
-    app.post_message(&token, a, "hello from a").await;
-    app.post_message(&token, a, "again a").await;
-    app.post_message(&token, b, "only b").await;
+    let mut ws = app.ws(&token).await;
+    let mut posted = Vec::new();
+    for (conv, text) in [(a, "hello from a"), (a, "again a"), (b, "only b")] {
+        posted.push(
+            app.post_message(&token, conv, text).await["message"]["id"]
+                .as_i64()
+                .expect("id"),
+        );
+    }
+    for id in posted {
+        await_reply(&mut ws, id).await; // replies land in any order; wait for all three
+    }
 
     let (s, v) = app.call("GET", "/api/conversations", Some(&token), None).await;
     assert_eq!(s, 200);
     let list = v["conversations"].as_array().expect("array");
     assert_eq!(list.len(), 3);
-    // most recently active first
-    assert_eq!(list[0]["id"], b);
-    assert_eq!(list[1]["id"], a);
+    // most recently active first; `c` has no messages, so it is last
+    let keys: Vec<(i64, i64)> = list
+        .iter()
+        .map(|c| (c["updated_at"].as_i64().expect("t"), c["id"].as_i64().expect("id")))
+        .collect();
+    let mut sorted = keys.clone();
+    sorted.sort_by(|x, y| y.cmp(x));
+    assert_eq!(keys, sorted, "not ordered by activity: {v}");
     assert_eq!(list[2]["id"], c);
-    assert_eq!(list[1]["user_id"], uid);
-    // assistant replies may have landed already; counts include them
-    let a_count = list[1]["message_count"].as_i64().expect("count");
-    assert!(a_count >= 2, "{v}");
-    assert_eq!(list[2]["message_count"], 0);
-    assert!(list[2]["last_message_preview"].is_null());
-    assert!(list[0]["last_message_preview"].as_str().is_some());
+    let by_id = |id: i64| list.iter().find(|x| x["id"] == id).expect("listed").clone();
+    assert_eq!(by_id(a)["user_id"], uid);
+    assert_eq!(by_id(a)["message_count"], 4, "2 messages + 2 replies: {v}");
+    assert_eq!(by_id(b)["message_count"], 2);
+    assert_eq!(by_id(b)["last_message_role"], "assistant");
+    assert!(by_id(b)["last_message_preview"]
+        .as_str()
+        .expect("preview")
+        .contains("only b"));
+    assert_eq!(by_id(c)["message_count"], 0);
+    assert!(by_id(c)["last_message_preview"].is_null());
 
     let (s, v) = app.call("GET", "/api/conversations?limit=1", Some(&token), None).await;
     assert_eq!(s, 200);

@@ -12,11 +12,49 @@ use tracing_subscriber::prelude::*;
 use wingman_app::telemetry::QueryCounter;
 use wingman_app::Options;
 
-async fn queries_for(counter: &QueryCounter, app: &TestApp, token: &str, path: &str) -> u64 {
+/// Waits until no statement event is still in flight: on SQLite, sqlx emits a
+/// statement's event from the connection's worker thread, which can be a moment after
+/// the rows reached the handler. Two `/healthz` round trips (no SQL) with an unchanged
+/// count in between mark the quiet point (bounded to 50 rounds).
+async fn settle(counter: &QueryCounter, app: &TestApp) {
+    let mut last = counter.get();
+    for _ in 0..50 {
+        app.call("GET", "/healthz", None, None).await;
+        let now = counter.get();
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+    panic!("statement count never settled");
+}
+
+async fn queries_for(counter: &QueryCounter, app: &TestApp, token: &str, path: &str) -> Counted {
+    settle(counter, app).await;
     let before = counter.get();
     let (s, v) = app.call("GET", path, Some(token), None).await;
     assert_eq!(s, 200, "{v}");
-    counter.get() - before
+    settle(counter, app).await;
+    Counted(counter.get() - before, counter.statements_since(before))
+}
+
+/// A statement count and the statements (shown when an assertion fails).
+#[derive(Debug)]
+struct Counted(
+    u64,
+    #[allow(dead_code)] /* read through Debug in assertion messages */ Vec<String>,
+);
+
+impl PartialEq for Counted {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+
+impl PartialEq<u64> for Counted {
+    fn eq(&self, other: &u64) -> bool {
+        self.0 == *other
+    }
 }
 
 async fn import(app: &TestApp, token: &str, n_messages: usize) -> i64 {
@@ -56,16 +94,19 @@ async fn check(counter: &QueryCounter, backend: Backend) {
     assert_eq!(v["conversations"].as_array().expect("array").len(), 41);
     assert_eq!(v["conversations"][0]["message_count"], 25);
 
-    eprintln!("{backend:?}: list {small_list} -> {big_list} statements (cached: {cached_list}); messages {small_msgs} -> {big_msgs}");
+    eprintln!(
+        "{backend:?}: list {} -> {} statements (cached: {}); messages {} -> {}",
+        small_list.0, big_list.0, cached_list.0, small_msgs.0, big_msgs.0
+    );
     assert!(
-        small_list >= 1,
+        small_list.0 >= 1,
         "the counter saw no statement: is sqlx::query logging reaching it?"
     );
     assert_eq!(small_list, big_list, "conversation list statements grew with the data");
     assert_eq!(big_list, 1, "the conversation list must be one query");
     assert_eq!(cached_list, 0, "a repeated list must come from the cache");
     assert_eq!(small_msgs, big_msgs, "message page statements grew with the data");
-    assert!(big_msgs <= 2, "ownership check + page, got {big_msgs}");
+    assert!(big_msgs.0 <= 2, "ownership check + page, got {big_msgs:?}");
     app.stop().await;
     db.drop_db().await;
 }

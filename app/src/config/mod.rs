@@ -214,6 +214,9 @@ pub struct WsSettings {
     pub outbox_capacity: usize,
     /// Largest frame accepted from a client.
     pub max_message_bytes: usize,
+    /// A write to a socket blocked this long (client not reading) drops the socket.
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
 }
 
 impl Default for WsSettings {
@@ -223,6 +226,7 @@ impl Default for WsSettings {
             idle_timeout: Duration::from_secs(75),
             outbox_capacity: 1024,
             max_message_bytes: 64 * 1024,
+            send_timeout: Duration::from_secs(10),
         }
     }
 }

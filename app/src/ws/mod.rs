@@ -1,7 +1,8 @@
 //! WebSocket `/ws`: authenticated by `?token=` (browsers cannot set headers) or a bearer
 //! header. The [`Hub`] maps users to their local sockets and receives every bus event;
 //! each socket has a bounded outbox, and a socket whose outbox is full is dropped
-//! (close code 1013) instead of buffering without limit. Server pings every
+//! (close code 1013) instead of buffering without limit; a write blocked for
+//! `ws.send_timeout` drops the socket too. Server pings every
 //! `ws.heartbeat_interval`; a client silent for `ws.idle_timeout` is closed. Clients catch
 //! up after a reconnect with `{"type":"resume","conversation_id":…,"after":<last id>}`
 //! (or `GET …/messages?after=`), answered from the database.
@@ -183,31 +184,38 @@ async fn handle(state: AppState, user: User, socket: WebSocket) {
     let (id, mut outbox, evict) = state.hub.register(user.id);
     let (mut sink, mut stream) = socket.split();
     let ws = &state.settings.ws;
+    // Every write is bounded: a client that stops reading cannot pin this task.
+    let limit = ws.send_timeout;
+    macro_rules! send {
+        ($msg:expr) => {
+            matches!(tokio::time::timeout(limit, sink.send($msg)).await, Ok(Ok(())))
+        };
+    }
     let mut heartbeat = tokio::time::interval(ws.heartbeat_interval);
     heartbeat.tick().await;
     let mut last_seen = Instant::now();
     let hello = json!({ "type": "ready", "user_id": user.id }).to_string();
-    let mut ok = sink.send(WsMessage::Text(hello.into())).await.is_ok();
+    let mut ok = send!(WsMessage::Text(hello.into()));
     while ok {
         tokio::select! {
             _ = state.shutdown.cancelled() => {
-                let _ = sink.send(close(1001, "server shutting down")).await;
+                send!(close(1001, "server shutting down"));
                 break;
             }
             _ = evict.cancelled() => {
-                let _ = sink.send(close(1013, "slow consumer: reconnect and resume")).await;
+                send!(close(1013, "slow consumer: reconnect and resume"));
                 break;
             }
             out = outbox.recv() => match out {
-                Some(text) => ok = sink.send(WsMessage::Text(text)).await.is_ok(),
+                Some(text) => ok = send!(WsMessage::Text(text)),
                 None => break,
             },
             _ = heartbeat.tick() => {
                 if last_seen.elapsed() > ws.idle_timeout {
-                    let _ = sink.send(close(1000, "idle timeout")).await;
+                    send!(close(1000, "idle timeout"));
                     break;
                 }
-                ok = sink.send(WsMessage::Ping(Default::default())).await.is_ok();
+                ok = send!(WsMessage::Ping(Default::default()));
             }
             incoming = stream.next() => {
                 last_seen = Instant::now();
@@ -216,7 +224,7 @@ async fn handle(state: AppState, user: User, socket: WebSocket) {
                     Some(Ok(WsMessage::Text(text))) => {
                         metrics::counter!("ws_messages_total", "direction" => "in").increment(1);
                         for reply in client_frame(&state, &user, text.as_str()).await {
-                            if sink.send(WsMessage::Text(reply.into())).await.is_err() {
+                            if !send!(WsMessage::Text(reply.into())) {
                                 ok = false;
                                 break;
                             }
@@ -265,5 +273,57 @@ async fn client_frame(state: &AppState, user: &User, text: &str) -> Vec<String> 
                 Err(e) => err(e.to_string()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(user_id: i64, seq: u32) -> Envelope {
+        Envelope {
+            user_id,
+            event: Event::Token {
+                conversation_id: 1,
+                reply_to: 1,
+                seq,
+                delta: "x".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn a_full_outbox_evicts_only_that_socket() {
+        let hub = Hub::new(3);
+        let (_slow_id, _slow_rx, slow_evict) = hub.register(7);
+        let (_fast_id, mut fast_rx, fast_evict) = hub.register(7);
+        let (_other_id, mut other_rx, other_evict) = hub.register(8);
+        for seq in 0..3 {
+            hub.dispatch(&event(7, seq));
+            // the fast consumer keeps up
+            assert!(fast_rx.try_recv().is_ok());
+        }
+        assert!(!slow_evict.is_cancelled(), "3 queued events fit an outbox of 3");
+        hub.dispatch(&event(7, 3));
+        assert!(
+            slow_evict.is_cancelled(),
+            "the 4th event overflows the slow socket's outbox"
+        );
+        assert!(!fast_evict.is_cancelled());
+        assert!(fast_rx.try_recv().is_ok());
+        hub.dispatch(&event(8, 0));
+        assert!(other_rx.try_recv().is_ok(), "other users are unaffected");
+        assert!(!other_evict.is_cancelled());
+        assert_eq!(hub.connections(), 3);
+    }
+
+    #[test]
+    fn unregister_removes_the_socket() {
+        let hub = Hub::new(2);
+        let (id, mut rx, _) = hub.register(1);
+        hub.unregister(1, id);
+        assert_eq!(hub.connections(), 0);
+        hub.dispatch(&event(1, 0));
+        assert!(rx.try_recv().is_err(), "nothing is delivered after unregister");
     }
 }

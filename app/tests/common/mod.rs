@@ -253,7 +253,10 @@ impl TestApp {
         let (stream, _) = tokio_tungstenite::connect_async(format!("{}/ws?token={token}", self.ws_base))
             .await
             .expect("ws connect");
-        let mut ws = Ws { stream };
+        let mut ws = Ws {
+            stream,
+            history: Vec::new(),
+        };
         let hello = ws.next_json().await;
         assert_eq!(hello["type"], "ready", "{hello}");
         ws
@@ -273,6 +276,8 @@ impl TestApp {
 
 pub struct Ws {
     pub stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Every JSON frame received so far.
+    pub history: Vec<Value>,
 }
 
 impl Ws {
@@ -285,7 +290,11 @@ impl Ws {
                 .expect("socket open")
                 .expect("frame ok");
             match msg {
-                WsMsg::Text(t) => return serde_json::from_str(t.as_str()).expect("json frame"),
+                WsMsg::Text(t) => {
+                    let v: Value = serde_json::from_str(t.as_str()).expect("json frame");
+                    self.history.push(v.clone());
+                    return v;
+                }
                 WsMsg::Close(c) => panic!("socket closed: {c:?}"),
                 _ => continue,
             }
@@ -313,12 +322,15 @@ impl Ws {
     }
 }
 
-/// Collects the streamed reply to `reply_to` and the final persisted assistant message.
+/// Collects the streamed reply to `reply_to` and the final persisted assistant message,
+/// from every frame the socket received (replies to several messages interleave).
 pub async fn await_reply(ws: &mut Ws, reply_to: i64) -> (String, Value) {
-    let frames = ws
-        .until(|v| v["type"] == "message" && v["message"]["reply_to"] == reply_to)
-        .await;
-    let mut tokens: Vec<(u64, String)> = frames
+    let is_final = |v: &Value| v["type"] == "message" && v["message"]["reply_to"] == reply_to;
+    while !ws.history.iter().any(is_final) {
+        ws.next_json().await;
+    }
+    let mut tokens: Vec<(u64, String)> = ws
+        .history
         .iter()
         .filter(|v| v["type"] == "token" && v["reply_to"] == reply_to)
         .map(|v| {
@@ -333,7 +345,7 @@ pub async fn await_reply(ws: &mut Ws, reply_to: i64) -> (String, Value) {
         assert_eq!(*seq, i as u64, "token sequence has a gap");
     }
     let text: String = tokens.into_iter().map(|t| t.1).collect();
-    let last = frames.last().expect("final frame")["message"].clone();
+    let last = ws.history.iter().find(|v| is_final(v)).expect("final frame")["message"].clone();
     (text, last)
 }
 
