@@ -209,6 +209,30 @@ async fn postgres_down_gives_503_and_loses_no_acknowledged_message() {
     for m in &acknowledged {
         assert!(stored.contains(m), "acknowledged {m} is missing: {stored:?}");
     }
+    // and each acknowledged message gets its AI reply (its job was stored with it)
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, v) = app
+            .call(
+                "GET",
+                &format!("/api/conversations/{conv}/messages?limit=200"),
+                Some(&token),
+                None,
+            )
+            .await;
+        let msgs = v["messages"].as_array().expect("array").clone();
+        let unanswered: Vec<&str> = msgs
+            .iter()
+            .filter(|m| m["role"] == "user")
+            .filter(|m| !msgs.iter().any(|r| r["reply_to"] == m["id"]))
+            .filter_map(|m| m["content"].as_str())
+            .collect();
+        if unanswered.is_empty() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no reply to {unanswered:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     app.stop().await;
     db.drop_db().await;
 }

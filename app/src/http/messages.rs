@@ -1,6 +1,6 @@
 //! Messages of a conversation: the keyset-paginated list
 //! (`GET /api/conversations/{id}/messages?after=|before=&limit=`) and posting a user
-//! message, which is persisted before the 201 and then queued for an AI reply.
+//! message, which is persisted together with its AI reply job before the 201.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -15,7 +15,7 @@ use super::error::ApiError;
 use super::extract::{parse_id, ApiJson, ApiQuery, AuthUser};
 use super::{private, AppState};
 use crate::bus::Event;
-use crate::jobs::AiJob;
+use crate::jobs::{AiJob, Queues};
 use crate::store::Page;
 
 pub fn router() -> Router<AppState> {
@@ -93,11 +93,20 @@ async fn post_message(
         return Err(ApiError::invalid("content", "must not be empty"));
     }
     let conv = owned(&state, user.id, id).await?;
+    // The message and its `ai` job are committed together: a 201 means both are durable.
+    let (user_id, conversation_id) = (user.id, conv.id);
+    let encode = move |message_id: i64| {
+        Queues::encode_ai(&AiJob {
+            user_id,
+            conversation_id,
+            message_id,
+        })
+    };
     let message = state
         .store
-        .insert_message(conv.id, "user", &body.content, None)
-        .await?
-        .ok_or_else(|| ApiError::Internal("insert returned no row".into()))?;
+        .insert_message_with_job(conv.id, "user", &body.content, state.queues.ai_queue(), &encode)
+        .await?;
+    state.queues.wake_ai();
     invalidate(
         &state,
         user.id,
@@ -107,26 +116,9 @@ async fn post_message(
         }),
     )
     .await;
-    // The message is durable now; a failure to queue the reply does not lose it.
-    let queued = match state
-        .queues
-        .enqueue_ai(AiJob {
-            user_id: user.id,
-            conversation_id: conv.id,
-            message_id: message.id,
-        })
-        .await
-    {
-        Ok(()) => true,
-        Err(e) => {
-            metrics::counter!("jobs_enqueue_errors_total", "queue" => "ai").increment(1);
-            tracing::error!(error = %e, message_id = message.id, "could not queue the AI reply");
-            false
-        }
-    };
     Ok((
         StatusCode::CREATED,
         private(),
-        Json(json!({ "message": message, "reply_queued": queued })),
+        Json(json!({ "message": message, "reply_queued": true })),
     ))
 }

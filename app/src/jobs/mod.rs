@@ -2,10 +2,12 @@
 //! concurrency) and the `heavy` queue (CPU-bound conversation exports, low concurrency).
 //!
 //! Queues are durable in the app's own database: apalis-sqlite in the same SQLite file, or
-//! apalis-postgres. This instance's workers are woken right after it enqueues; jobs
-//! enqueued by other instances are found by polling every `jobs.poll_interval`. (apalis'
-//! own PostgreSQL LISTEN/NOTIFY strategy stalled under load in the benchmark — replies
-//! took ~26 s — and its `Pubsub` type is private, so it cannot be combined with polling.)
+//! apalis-postgres. The `ai` job of a user message is inserted in the same transaction as
+//! the message (see `Store::insert_message_with_job`), so an acknowledged message always
+//! gets its reply. This instance's workers are woken right after it enqueues; jobs from
+//! other instances are found through LISTEN/NOTIFY (PostgreSQL) and by polling every
+//! `jobs.poll_interval`. (apalis' NOTIFY-only strategy, `with_pubsub()`, stalled under load
+//! in the benchmark — replies took ~26 s — hence the polling fallback next to it.)
 //! Workers have per-queue concurrency, a timeout per attempt, retries with exponential
 //! backoff, and orphaned jobs of a dead worker are re-enqueued by apalis (heartbeats).
 
@@ -74,12 +76,14 @@ pub enum Queues {
         /// Wakes this instance's workers right after an enqueue (no polling delay).
         wake_ai: Wake,
         wake_heavy: Wake,
+        ai_queue: String,
     },
     Postgres {
         ai: PostgresStorage<AiJob>,
         heavy: PostgresStorage<ExportJob>,
         wake_ai: Wake,
         wake_heavy: Wake,
+        ai_queue: String,
     },
 }
 
@@ -102,6 +106,24 @@ fn pending(stats: &[Statistic]) -> u64 {
 }
 
 impl Queues {
+    /// Name of the `ai` queue (for enqueueing inside a store transaction).
+    pub fn ai_queue(&self) -> &str {
+        match self {
+            Queues::Sqlite { ai_queue, .. } | Queues::Postgres { ai_queue, .. } => ai_queue,
+        }
+    }
+
+    /// Wakes this instance's `ai` worker after a job was enqueued by other means.
+    pub fn wake_ai(&self) {
+        let (Queues::Sqlite { wake_ai, .. } | Queues::Postgres { wake_ai, .. }) = self;
+        let _ = wake_ai.unbounded_send(());
+    }
+
+    /// The job's payload as the queue stores it (apalis' JSON codec).
+    pub fn encode_ai(job: &AiJob) -> Vec<u8> {
+        serde_json::to_vec(job).unwrap_or_default()
+    }
+
     pub async fn enqueue_ai(&self, job: AiJob) -> Result<(), JobError> {
         match self {
             Queues::Sqlite { ai, wake_ai, .. } => {
@@ -283,6 +305,7 @@ pub async fn start(
             heavy,
             wake_ai,
             wake_heavy,
+            ai_queue: ai_queue.clone(),
         }
     } else {
         let pool = sqlx::postgres::PgPoolOptions::new()
@@ -311,9 +334,11 @@ pub async fn start(
         handles.push(spawn_worker!(
             format!("ai-{instance}"),
             {
-                // local wake-up after an enqueue here, polling for jobs from other instances
+                // local wake-up after an enqueue here, LISTEN/NOTIFY for jobs from other
+                // instances, and polling as the fallback
                 let strategy = Strategy::new()
                     .stream(ai_wake_rx.ready_chunks(32))
+                    .stream(apalis_postgres::Pubsub::new(pool.clone(), ai_queue.clone()))
                     .interval(settings.poll_interval);
                 let ai = ai.clone();
                 move || ai.clone().poll_with_strategy(strategy.clone())
@@ -330,6 +355,7 @@ pub async fn start(
             {
                 let strategy = Strategy::new()
                     .stream(heavy_wake_rx.ready_chunks(8))
+                    .stream(apalis_postgres::Pubsub::new(pool.clone(), heavy_queue.clone()))
                     .interval(settings.poll_interval);
                 let heavy = heavy.clone();
                 move || heavy.clone().poll_with_strategy(strategy.clone())
@@ -346,6 +372,7 @@ pub async fn start(
             heavy,
             wake_ai,
             wake_heavy,
+            ai_queue: ai_queue.clone(),
         }
     };
     Ok((queues, Workers { handles }))

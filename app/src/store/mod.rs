@@ -45,6 +45,9 @@ pub enum StoreError {
     Open(String),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The job could not be written to the queue (the transaction was rolled back).
+    #[error("enqueue failed: {0}")]
+    Enqueue(String),
 }
 
 impl StoreError {
@@ -72,7 +75,7 @@ impl StoreError {
     }
 
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, StoreError::Unavailable { .. })
+        matches!(self, StoreError::Unavailable { .. } | StoreError::Enqueue(_))
     }
 }
 
@@ -217,6 +220,17 @@ pub trait Store: Send + Sync + 'static {
         content: &str,
         reply_to: Option<i64>,
     ) -> StoreResult<Option<Message>>;
+    /// Inserts a message like [`Store::insert_message`] and, in the same transaction,
+    /// enqueues the job `job(message_id)` on the job queue `queue` (whose tables live in the
+    /// same database): the message and its reply job are stored together or not at all.
+    async fn insert_message_with_job(
+        &self,
+        conversation_id: i64,
+        role: &str,
+        content: &str,
+        queue: &str,
+        job: &(dyn Fn(i64) -> Vec<u8> + Send + Sync),
+    ) -> StoreResult<Message>;
     async fn message(&self, id: i64) -> StoreResult<Option<Message>>;
     /// The reply to a user message, if one was persisted.
     async fn reply_to(&self, user_message_id: i64) -> StoreResult<Option<Message>>;
@@ -227,7 +241,7 @@ pub trait Store: Send + Sync + 'static {
 
 /// Shared implementation over a typed pool; `$db` is `sqlx::Sqlite` or `sqlx::Postgres`.
 macro_rules! impl_store {
-    ($store:ty, $db:ty, $backend:literal) => {
+    ($store:ty, $db:ty, $backend:literal, $push_job:path) => {
         #[async_trait]
         impl Store for $store {
         fn backend(&self) -> &'static str {
@@ -462,6 +476,44 @@ macro_rules! impl_store {
             .map_err(|e| StoreError::from_sqlx(op, e))?;
             tx.commit().await.map_err(|e| StoreError::from_sqlx(op, e))?;
             Ok(Some(message))
+        }
+
+        async fn insert_message_with_job(
+            &self,
+            conversation_id: i64,
+            role: &str,
+            content: &str,
+            queue: &str,
+            job: &(dyn Fn(i64) -> Vec<u8> + Send + Sync),
+        ) -> StoreResult<Message> {
+            let op = "insert_message_with_job";
+            let now = now_ms();
+            let mut tx = self.writer.begin().await.map_err(|e| StoreError::from_sqlx(op, e))?;
+            let message = sqlx::query_as::<$db, Message>(
+                "INSERT INTO messages (conversation_id, role, content, created_at) VALUES ($1, $2, $3, $4) \
+                 RETURNING id, conversation_id, role, content, reply_to, created_at",
+            )
+            .bind(conversation_id)
+            .bind(role)
+            .bind(content)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(op, e))?;
+            sqlx::query::<$db>(
+                "UPDATE conversations SET message_count = message_count + 1, \
+                 last_message_id = CASE WHEN last_message_id IS NULL OR last_message_id < $1 THEN $1 ELSE last_message_id END, \
+                 updated_at = CASE WHEN updated_at < $2 THEN $2 ELSE updated_at END WHERE id = $3",
+            )
+            .bind(message.id)
+            .bind(now)
+            .bind(conversation_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(op, e))?;
+            $push_job(&mut *tx, queue, job(message.id)).await?;
+            tx.commit().await.map_err(|e| StoreError::from_sqlx(op, e))?;
+            Ok(message)
         }
 
         async fn message(&self, id: i64) -> StoreResult<Option<Message>> {

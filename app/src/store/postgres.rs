@@ -33,7 +33,9 @@ impl PgStore {
                 .await
                 .map_err(|e| StoreError::Open(format!("create schema: {e}")))?;
             let _ = conn.close().await;
-            options = options.options([("search_path", settings.schema.as_str())]);
+            // public stays on the path: the job queue's hstore type lives there
+            let path = format!("{},public", settings.schema);
+            options = options.options([("search_path", path.as_str())]);
         }
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
@@ -67,4 +69,12 @@ impl PgStore {
     }
 }
 
-impl_store!(PgStore, sqlx::Postgres, "postgres");
+/// Writes one job into apalis-postgres' table inside the caller's transaction.
+async fn push_job(conn: &mut sqlx::PgConnection, queue: &str, payload: Vec<u8>) -> StoreResult<()> {
+    let task = apalis::prelude::TaskBuilder::new(payload).build();
+    apalis_postgres::queries::push_tasks(conn, queue, vec![task])
+        .await
+        .map_err(|e| StoreError::Enqueue(e.to_string()))
+}
+
+impl_store!(PgStore, sqlx::Postgres, "postgres", push_job);

@@ -86,4 +86,12 @@ impl SqliteStore {
     }
 }
 
-impl_store!(SqliteStore, sqlx::Sqlite, "sqlite");
+/// Writes one job into apalis-sqlite's table inside the caller's transaction.
+async fn push_job(conn: &mut sqlx::SqliteConnection, queue: &str, payload: Vec<u8>) -> StoreResult<()> {
+    let task = apalis::prelude::TaskBuilder::new(payload).build();
+    apalis_sqlite::queries::push_tasks(conn, queue, &[task])
+        .await
+        .map_err(|e| StoreError::Enqueue(e.to_string()))
+}
+
+impl_store!(SqliteStore, sqlx::Sqlite, "sqlite", push_job);
