@@ -39,6 +39,25 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Check the file, then tell the running edge (its pid file) to reload it.
+    Reload {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Stop the running edge: drain (SIGTERM), or at once with --fast (SIGINT).
+    Stop {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long)]
+        fast: bool,
+    },
+    /// Replace the running edge with this binary without dropping connections:
+    /// start it with --upgrade (it takes the listening sockets over), then tell the
+    /// old process to hand them over and drain (SIGQUIT).
+    Upgrade {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -55,6 +74,16 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Reload { config } => control(&config, Control::Reload),
+        Command::Stop { config, fast } => control(
+            &config,
+            if fast {
+                Control::StopFast
+            } else {
+                Control::Stop
+            },
+        ),
+        Command::Upgrade { config } => control(&config, Control::Upgrade),
         Command::Run {
             config,
             upgrade,
@@ -71,4 +100,107 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+enum Control {
+    Reload,
+    Stop,
+    StopFast,
+    Upgrade,
+}
+
+/// Signals the running edge found through the config's pid file.
+fn control(config: &std::path::Path, what: Control) -> ExitCode {
+    let cfg = match what {
+        // a reload or an upgrade of a file that would not load changes nothing: say so
+        Control::Reload | Control::Upgrade => {
+            match wingman_edge::app::check(config.to_path_buf()) {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        Control::Stop | Control::StopFast => match wingman_edge::config::load(config) {
+            Ok(cfg) => cfg,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let pid_file = &cfg.server.pid_file;
+    let pid = match std::fs::read_to_string(pid_file)
+        .map_err(|e| e.to_string())
+        .and_then(|s| s.trim().parse::<i32>().map_err(|e| e.to_string()))
+    {
+        Ok(pid) => nix::unistd::Pid::from_raw(pid),
+        Err(e) => {
+            eprintln!(
+                "wingman-edge: cannot read pid file {}: {e}",
+                pid_file.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    use nix::sys::signal::{kill, Signal};
+    let result = match what {
+        Control::Reload => kill(pid, Signal::SIGHUP),
+        Control::Stop => kill(pid, Signal::SIGTERM),
+        Control::StopFast => kill(pid, Signal::SIGINT),
+        Control::Upgrade => return upgrade(config, pid, pid_file),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wingman-edge: signalling pid {pid}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Starts the new process (same arguments, `--upgrade`), waits until it waits for
+/// the sockets, then asks the old one to hand them over.
+fn upgrade(
+    config: &std::path::Path,
+    old: nix::unistd::Pid,
+    pid_file: &std::path::Path,
+) -> ExitCode {
+    use nix::sys::signal::{kill, Signal};
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("wingman-edge: cannot find this binary: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let child = std::process::Command::new(exe)
+        .args(["run", "--upgrade", "-c"])
+        .arg(config)
+        .stdin(std::process::Stdio::null())
+        // never hold the caller's stdout open (a `$(wingman-edge upgrade)` would
+        // wait for the new process to exit); logs go to stderr as usual
+        .stdout(std::process::Stdio::null())
+        .spawn();
+    let child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("wingman-edge: cannot start the new process: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // the new process writes the pid file only after it got the sockets; give it a
+    // moment to start listening on the upgrade socket first
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    if let Err(e) = kill(old, Signal::SIGQUIT) {
+        eprintln!("wingman-edge: signalling the old process {old}: {e}");
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "upgrade started: new pid {} (pid file {}), old pid {old} drains",
+        child.id(),
+        pid_file.display()
+    );
+    ExitCode::SUCCESS
 }

@@ -346,6 +346,18 @@ impl Edge {
         }
     }
 
+    /// Waits (bounded) for the process to exit; its status, or None on timeout.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -1,0 +1,150 @@
+//! Zero-downtime binary upgrade (pingora's socket hand-over) and the control
+//! commands that find the running edge through its pid file.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{single_pool, wait_until, Edge, Origin};
+
+fn edge_cmd() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_wingman-edge"))
+}
+
+fn pid_in(edge: &Edge) -> Option<i32> {
+    std::fs::read_to_string(edge.dir.path().join("edge.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binary_upgrade_under_load_fails_no_request_without_keepalive() {
+    let origin = Origin::start("a").await;
+    let mut edge = Edge::start(&single_pool(&origin, "")).await;
+    let old_pid = edge.pid() as i32;
+    wait_until(Duration::from_secs(10), "pid file", || async {
+        pid_in(&edge) == Some(old_pid)
+    })
+    .await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let url = edge.url("/");
+    let load = {
+        let (stop, ok) = (stop.clone(), ok.clone());
+        tokio::spawn(async move {
+            let client = common::fresh_client();
+            let mut failures = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(40);
+            while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                match client.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(r) => failures.push(format!("status {}", r.status())),
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            failures
+        })
+    };
+    wait_until(Duration::from_secs(10), "load running", || async {
+        ok.load(Ordering::SeqCst) > 20
+    })
+    .await;
+
+    // what `wingman-edge upgrade` does: start the new binary with --upgrade (it waits
+    // for the sockets), then SIGQUIT the old one (it hands them over and drains)
+    let log = std::fs::File::create(edge.dir.path().join("new.log")).unwrap();
+    let mut new = tokio::process::Command::new(env!("CARGO_BIN_EXE_wingman-edge"))
+        .args(["run", "--upgrade", "-c"])
+        .arg(&edge.config_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old_pid),
+        nix::sys::signal::Signal::SIGQUIT,
+    )
+    .unwrap();
+
+    // the new process owns the pid file once it has the sockets; the old one exits
+    let edge_ref = &edge;
+    wait_until(Duration::from_secs(20), "new pid", || async move {
+        pid_in(edge_ref).is_some_and(|p| p != old_pid)
+    })
+    .await;
+    let new_pid = pid_in(&edge).unwrap();
+    assert!(
+        edge.wait_exit(Duration::from_secs(30)).await.is_some(),
+        "the old process did not exit after handing over"
+    );
+    let served_before = ok.load(Ordering::SeqCst);
+    wait_until(Duration::from_secs(10), "new process serving", || async {
+        ok.load(Ordering::SeqCst) > served_before + 20
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let failures = load.await.unwrap();
+    assert_eq!(new.id(), Some(new_pid as u32));
+    let _ = new.start_kill();
+    assert!(
+        failures.is_empty(),
+        "{} failed requests: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+}
+
+#[tokio::test]
+async fn reload_and_stop_commands_find_the_edge_through_its_pid_file() {
+    let origin = Origin::start("a").await;
+    let mut edge = Edge::start(&single_pool(&origin, "")).await;
+    let pid = edge.pid() as i32;
+    wait_until(Duration::from_secs(10), "pid file", || async {
+        pid_in(&edge) == Some(pid)
+    })
+    .await;
+    let out = edge_cmd()
+        .arg("reload")
+        .arg("-c")
+        .arg(&edge.config_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    edge.wait_reloads(2.0).await;
+    // a broken file is refused before anything is signalled
+    let good = std::fs::read_to_string(&edge.config_path).unwrap();
+    edge.write_raw_config("[[listeners]\n");
+    let out = edge_cmd()
+        .arg("reload")
+        .arg("-c")
+        .arg(&edge.config_path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    edge.write_raw_config(&good);
+    let out = edge_cmd()
+        .arg("stop")
+        .arg("-c")
+        .arg(&edge.config_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = edge.wait_exit(Duration::from_secs(20)).await;
+    assert!(status.is_some(), "the edge did not stop");
+}
