@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod app;
 pub mod buffer;
+pub mod cache;
 pub mod compress;
 pub mod config;
 pub mod listener;
