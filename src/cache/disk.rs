@@ -461,8 +461,19 @@ impl DiskTier {
             if !sub.file_type()?.is_dir() {
                 continue;
             }
-            for entry in fs::read_dir(sub.path())? {
-                let entry = entry?;
+            let entries = match fs::read_dir(sub.path()) {
+                Ok(it) => it,
+                Err(e) => {
+                    log::warn!("cache: cannot list {}: {e}", sub.path().display());
+                    self.errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            };
+            for entry in entries {
+                let Ok(entry) = entry else {
+                    self.errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
                 let path = entry.path();
                 let name = entry.file_name();
                 let Some((hash, gen)) = name.to_str().and_then(|n| parse_name(n, OBJECT_EXT))

@@ -18,9 +18,11 @@
 //!
 //! * committed objects are charged body + serialized meta + primary key + a fixed per-entry
 //!   overhead;
-//! * fills in progress reserve the same for their meta and key when they start, and their body
-//!   chunk by chunk as it arrives (plus a per-chunk overhead). A fill that cannot reserve
-//!   space, even after evicting every committed object, is abandoned.
+//! * fills in progress reserve the same for their meta and key when they start, plus the
+//!   whole body if the response has a Content-Length; otherwise their body is reserved chunk
+//!   by chunk as it arrives (plus a per-chunk overhead). A fill that cannot reserve space,
+//!   even after evicting every committed object, is refused (at the start) or abandoned
+//!   (mid-stream).
 //!
 //! So `bytes_memory + bytes_inflight <= memory_bytes` always holds. The policy is plain LRU
 //! (the `lru` crate, the same structure as pingora's `simple_lru`): it needs no tuning, its
@@ -37,6 +39,13 @@
 //! grows past `max_object_bytes`, the fill is marked failed: it disappears from lookups and
 //! readers streaming it get an error instead of a short body. A purge marks matching fills so
 //! that they are never committed.
+//!
+//! Caveat (pingora, not this storage): once a miss is streamed to its own client from the
+//! fill, pingora aborts that client's response if `write_body` fails. That happens only for
+//! responses without Content-Length that grow past `max_object_bytes` (or exhaust the memory
+//! budget); pingora's own `set_max_file_size_bytes` check aborts the same way, but also
+//! tells the cacheable predictor, so later requests for that key bypass the cache. Responses
+//! with a Content-Length over the limit are refused before anything is streamed.
 //!
 //! # Disk tier
 //!
@@ -76,6 +85,11 @@ pub const DEFAULT_MAX_OBJECT_BYTES: usize = 8 * 1024 * 1024;
 const ENTRY_OVERHEAD: usize = 256;
 /// Charged per buffered body chunk of a fill (the `Bytes` handle and its slot).
 const CHUNK_OVERHEAD: usize = 64;
+/// Body chunks smaller than this are appended to the previous chunk when it is small too...
+const SMALL_CHUNK: usize = 1024;
+/// ...as long as the result stays within this size. So at most every other chunk is under
+/// `SMALL_CHUNK` bytes, and chunk overheads stay under 1/8 of the body length.
+const COALESCE_LIMIT: usize = 4096;
 /// Complete hits are returned in slices of at most this many bytes.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -775,7 +789,15 @@ fn complete_hit(obj: Arc<MemObject>) -> HitHandler {
 fn partial_hit(fill: Arc<Fill>) -> pingora::Result<(CacheMeta, HitHandler)> {
     let meta = CacheMeta::deserialize(&fill.meta.0, &fill.meta.1)?;
     let rx = fill.notify.subscribe();
-    Ok((meta, Box::new(EdgeHit::Partial { fill, next: 0, rx })))
+    Ok((
+        meta,
+        Box::new(EdgeHit::Partial {
+            fill,
+            idx: 0,
+            off: 0,
+            rx,
+        }),
+    ))
 }
 
 /// Hit handler: a committed object, or a fill being streamed.
@@ -787,7 +809,9 @@ enum EdgeHit {
     },
     Partial {
         fill: Arc<Fill>,
-        next: usize,
+        /// Chunk being read, and bytes of it already returned (the last chunk can grow).
+        idx: usize,
+        off: usize,
         rx: watch::Receiver<u64>,
     },
 }
@@ -805,13 +829,23 @@ impl HandleHit for EdgeHit {
                 *pos += n;
                 Ok(Some(out))
             }
-            EdgeHit::Partial { fill, next, rx } => loop {
+            EdgeHit::Partial { fill, idx, off, rx } => loop {
                 rx.mark_unchanged();
                 {
                     let b = fill.body.lock();
-                    if let Some(chunk) = b.chunks.get(*next) {
-                        *next += 1;
-                        return Ok(Some(chunk.clone()));
+                    loop {
+                        match b.chunks.get(*idx) {
+                            Some(c) if *off < c.len() => {
+                                let out = c.slice(*off..);
+                                *off = c.len();
+                                return Ok(Some(out));
+                            }
+                            Some(_) if *idx + 1 < b.chunks.len() => {
+                                *idx += 1;
+                                *off = 0;
+                            }
+                            _ => break,
+                        }
                     }
                     match b.state {
                         FillState::Complete => return Ok(None),
@@ -888,6 +922,9 @@ struct EdgeMiss {
     tag: U64WriteId,
     /// Bytes this fill holds of the memory budget.
     reserved: usize,
+    /// Bytes of `reserved` already used (meta, key, chunks); the rest was reserved up front
+    /// from the Content-Length.
+    consumed: usize,
     failed: bool,
 }
 
@@ -909,8 +946,16 @@ impl HandleMiss for EdgeMiss {
             return Err(StorageError::FillAbandoned.into_pingora());
         }
         let n = data.len();
+        // Only this handler changes the chunk list, so what is seen here still holds below.
+        let (len, coalesce) = {
+            let b = self.fill.body.lock();
+            let coalesce = n < SMALL_CHUNK
+                && b.chunks
+                    .last()
+                    .is_some_and(|l| l.len() + n <= COALESCE_LIMIT);
+            (b.len, coalesce)
+        };
         if n > 0 {
-            let len = self.fill.body.lock().len;
             if len + n > self.storage.max_object_bytes {
                 self.abandon();
                 return Err(StorageError::ObjectTooLarge {
@@ -918,12 +963,16 @@ impl HandleMiss for EdgeMiss {
                 }
                 .into_pingora());
             }
-            let cost = n + CHUNK_OVERHEAD;
-            if !self.storage.mem.lock().reserve(cost) {
-                self.abandon();
-                return Err(StorageError::MemoryExhausted.into_pingora());
+            let cost = if coalesce { n } else { n + CHUNK_OVERHEAD };
+            let spare = self.reserved - self.consumed;
+            if cost > spare {
+                if !self.storage.mem.lock().reserve(cost - spare) {
+                    self.abandon();
+                    return Err(StorageError::MemoryExhausted.into_pingora());
+                }
+                self.reserved += cost - spare;
             }
-            self.reserved += cost;
+            self.consumed += cost;
         }
         {
             let mut b = self.fill.body.lock();
@@ -934,7 +983,16 @@ impl HandleMiss for EdgeMiss {
                 return Err(StorageError::FillAbandoned.into_pingora());
             }
             if n > 0 {
-                b.chunks.push(data);
+                match b.chunks.last_mut() {
+                    Some(last) if coalesce => {
+                        // readers track an offset into the last chunk, so growing it is safe
+                        let mut joined = BytesMut::with_capacity(last.len() + n);
+                        joined.extend_from_slice(last);
+                        joined.extend_from_slice(&data);
+                        *last = joined.freeze();
+                    }
+                    _ => b.chunks.push(data),
+                }
                 b.len += n;
             }
             if eof {
@@ -1096,7 +1154,8 @@ impl Storage for EdgeStorage {
         meta: &CacheMeta,
         _trace: &SpanHandle,
     ) -> pingora::Result<MissHandler> {
-        if content_length(meta).is_some_and(|l| l > self.max_object_bytes as u64) {
+        let declared = content_length(meta);
+        if declared.is_some_and(|l| l > self.max_object_bytes as u64) {
             return Err(StorageError::ObjectTooLarge {
                 limit: self.max_object_bytes,
             }
@@ -1113,6 +1172,13 @@ impl Storage for EdgeStorage {
             return Err(StorageError::MetaTooLarge(meta_len).into_pingora());
         }
         let base = meta.0.len() + meta.1.len() + primary.len() + ENTRY_OVERHEAD;
+        // With a Content-Length the body is reserved now, so that a fill that starts can only
+        // fail mid-stream if the origin sends more than it declared.
+        let upfront = base
+            + declared.map_or(0, |l| {
+                let l = l as usize;
+                l + l / 8 + CHUNK_OVERHEAD
+            });
         let id = self.next_fill_id.fetch_add(1, Ordering::Relaxed);
         let hash = key.combined_bin();
         let fill = Arc::new(Fill {
@@ -1130,7 +1196,7 @@ impl Storage for EdgeStorage {
         });
         {
             let mut mem = self.mem.lock();
-            if !mem.reserve(base) {
+            if !mem.reserve(upfront) {
                 return Err(StorageError::MemoryExhausted.into_pingora());
             }
             mem.fills.entry(hash).or_default().push(fill.clone());
@@ -1139,7 +1205,8 @@ impl Storage for EdgeStorage {
             storage: self,
             fill,
             tag: id.into(),
-            reserved: base,
+            reserved: upfront,
+            consumed: base,
             failed: false,
         }))
     }

@@ -293,13 +293,78 @@ async fn concurrent_fills_stay_within_budget() {
 async fn object_with_large_content_length_is_refused_up_front() {
     let s = mem_only(1 << 20, 1000).await;
     let k = key("/too-big");
-    let mut h = ResponseHeader::build(200, None).expect("header");
-    h.insert_header("content-length", "1001").expect("header");
-    let now = SystemTime::now();
-    let m = CacheMeta::new(now + Duration::from_secs(60), now, 0, 0, h);
+    let m = meta_with_length(1001);
     assert!(s.get_miss_handler(&k, &m, &span()).await.is_err());
     assert!(s.lookup(&k, &span()).await.expect("lookup").is_none());
     assert_eq!(s.stats().bytes_inflight, 0);
+}
+
+fn meta_with_length(len: usize) -> CacheMeta {
+    let mut h = ResponseHeader::build(200, None).expect("header");
+    h.insert_header("content-length", len.to_string())
+        .expect("header");
+    let now = SystemTime::now();
+    CacheMeta::new(now + Duration::from_secs(60), now, 0, 0, h)
+}
+
+#[tokio::test]
+async fn declared_length_is_reserved_when_the_fill_starts() {
+    const LIMIT: usize = 24_000;
+    let s = mem_only(LIMIT, 16_000).await;
+    let body = vec![b'L'; 15_000];
+    let mut a = s
+        .get_miss_handler(&key("/a"), &meta_with_length(body.len()), &span())
+        .await
+        .expect("first fill fits");
+    assert!(s.stats().bytes_inflight >= 15_000, "{:?}", s.stats());
+    // a second one cannot be guaranteed room, so it is refused before anything is streamed
+    assert!(s
+        .get_miss_handler(&key("/b"), &meta_with_length(body.len()), &span())
+        .await
+        .is_err());
+    // the first one then never runs out of room mid-stream
+    for c in body.chunks(100) {
+        a.write_body(Bytes::copy_from_slice(c), false)
+            .await
+            .expect("write within the reservation");
+    }
+    a.finish().await.expect("finish");
+    let st = s.stats();
+    assert!(st.bytes_memory <= LIMIT as u64, "{st:?}");
+    assert_eq!((st.bytes_inflight, st.fills_inflight), (0, 0));
+    assert_eq!(get(s, &key("/a")).await.expect("stored").1, body);
+}
+
+#[tokio::test]
+async fn tiny_chunks_are_coalesced_for_readers_and_accounting() {
+    let s = mem_only(1 << 20, 64 * 1024).await;
+    let k = key("/tiny");
+    let mut miss = s
+        .get_miss_handler(&k, &meta(), &span())
+        .await
+        .expect("miss");
+    let base = s.stats().bytes_inflight;
+    let (_, mut reader) = s.lookup(&k, &span()).await.expect("lookup").expect("fill");
+    let mut seen = Vec::new();
+    for i in 0..10_000u32 {
+        miss.write_body(Bytes::from(vec![(i % 256) as u8]), false)
+            .await
+            .expect("write");
+        if i % 777 == 0 {
+            // a reader that keeps up sees every byte exactly once, also from a growing chunk
+            while let Some(r) = reader.read_body().now_or_never() {
+                let b = r.expect("read").expect("not at the end yet");
+                seen.extend_from_slice(&b);
+            }
+        }
+    }
+    let charged = s.stats().bytes_inflight - base;
+    assert!(charged <= 10_000 + 10_000 / 8 + 64, "charged {charged}");
+    miss.finish().await.expect("finish");
+    seen.extend(read_all(&mut reader).await.expect("read"));
+    let expected: Vec<u8> = (0..10_000u32).map(|i| (i % 256) as u8).collect();
+    assert_eq!(seen, expected);
+    assert_eq!(get(s, &k).await.expect("stored").1, expected);
 }
 
 #[tokio::test]
