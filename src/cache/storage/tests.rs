@@ -896,3 +896,59 @@ async fn invalid_configs_are_refused() {
     assert!(s.eviction().is_none());
     assert_eq!(s.max_object_bytes(), DEFAULT_MAX_OBJECT_BYTES);
 }
+
+/// The storage driven by pingora's own cache state machine, as the proxy drives it.
+#[tokio::test]
+async fn pingora_http_cache_miss_stream_hit_and_purge() {
+    use pingora::cache::{HitStatus, HttpCache};
+    let s = mem_only(1 << 20, 64 * 1024).await;
+    let new_cache = || {
+        let mut c = HttpCache::new();
+        c.enable(s, s.eviction(), None, None, None);
+        c.set_cache_key(key("/via-pingora"));
+        c
+    };
+
+    let mut miss = new_cache();
+    assert!(miss.cache_lookup().await.expect("lookup").is_none());
+    miss.cache_miss();
+    miss.set_cache_meta(meta());
+    // with streaming partial writes this also fetches the fill's own body reader
+    miss.set_miss_handler().await.expect("miss handler");
+    miss.miss_handler()
+        .expect("handler")
+        .write_body(Bytes::from_static(b"streamed "), false)
+        .await
+        .expect("write");
+    let reader = miss.miss_body_reader().expect("streaming reader");
+    assert_eq!(
+        reader.read_body().await.expect("read").as_deref(),
+        Some(&b"streamed "[..])
+    );
+    miss.miss_handler()
+        .expect("handler")
+        .write_body(Bytes::from_static(b"body"), true)
+        .await
+        .expect("write");
+    miss.finish_miss_handler().await.expect("finish");
+    let reader = miss.miss_body_reader().expect("streaming reader");
+    assert_eq!(read_all(reader).await.expect("read"), b"body");
+    drop(miss);
+
+    let mut hit = new_cache();
+    let (m, h) = hit.cache_lookup().await.expect("lookup").expect("hit");
+    hit.cache_found(m, h, HitStatus::Fresh);
+    assert_eq!(hit.phase().as_str(), "hit");
+    assert_eq!(
+        read_all(hit.hit_handler()).await.expect("read"),
+        b"streamed body"
+    );
+    hit.finish_hit_handler().await.expect("finish hit");
+
+    let purge = new_cache();
+    assert!(purge.purge().await.expect("purge"));
+    let purge = new_cache();
+    assert!(!purge.purge().await.expect("purge"));
+    let mut after = new_cache();
+    assert!(after.cache_lookup().await.expect("lookup").is_none());
+}
