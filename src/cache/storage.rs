@@ -25,10 +25,11 @@
 //!   (mid-stream).
 //!
 //! So `bytes_memory + bytes_inflight <= memory_bytes` always holds. The policy is plain LRU
-//! (the `lru` crate, the same structure as pingora's `simple_lru`): it needs no tuning, its
-//! bound is exact, and a hit costs one short critical section. TinyUFO would resist scans
-//! better but is lock-free and only eventually bounded, and cannot enumerate entries for
-//! purge by prefix.
+//! (the `lru` crate, the structure behind pingora's `simple_lru`): it needs no tuning, it
+//! gives an exact bound when it is driven under the same lock as the accounting of fills and
+//! the primary-key index, and a hit costs one short critical section. TinyUFO would resist
+//! one-hit scans better, but it evicts inside its own structure, so fills, promotions and
+//! the purge index would need a second, separately kept account.
 //!
 //! # Fills, streaming and abandonment
 //!
@@ -448,7 +449,7 @@ impl EdgeStorage {
     pub async fn open_owned(cfg: CacheStorageConfig) -> io::Result<EdgeStorage> {
         cfg.validate()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let disk = match cfg.disk {
+        let disk = match cfg.disk.clone() {
             Some(d) => {
                 let max_body = cfg.max_object_bytes as u64;
                 let tier = tokio::task::spawn_blocking(move || {
@@ -460,7 +461,28 @@ impl EdgeStorage {
             }
             None => None,
         };
-        Ok(EdgeStorage {
+        Ok(Self::build(&cfg, disk))
+    }
+
+    /// [`EdgeStorage::open`] for startup code that has no async runtime yet (e.g. `main`
+    /// before pingora starts): scans the disk directory on the calling thread. Do not call
+    /// it from async code.
+    pub fn open_blocking(cfg: CacheStorageConfig) -> io::Result<&'static EdgeStorage> {
+        cfg.validate()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let disk = match &cfg.disk {
+            Some(d) => Some(DiskTier::open(
+                &d.dir,
+                d.max_bytes,
+                cfg.max_object_bytes as u64,
+            )?),
+            None => None,
+        };
+        Ok(Self::build(&cfg, disk).leak())
+    }
+
+    fn build(cfg: &CacheStorageConfig, disk: Option<DiskTier>) -> EdgeStorage {
+        EdgeStorage {
             mem: Mutex::new(MemTier {
                 limit: cfg.memory_bytes,
                 lru: LruCache::unbounded(),
@@ -474,7 +496,7 @@ impl EdgeStorage {
             max_object_bytes: cfg.max_object_bytes,
             memory_bytes: cfg.memory_bytes,
             next_fill_id: AtomicU64::new(1),
-        })
+        }
     }
 
     /// Give the storage a `'static` lifetime (it is never freed).

@@ -894,6 +894,7 @@ async fn invalid_configs_are_refused() {
     assert!(d.validate().is_ok());
     let s = EdgeStorage::open(d).await.expect("open");
     assert!(s.eviction().is_none());
+    assert_eq!(s.memory_bytes(), DEFAULT_MEMORY_BYTES);
     assert_eq!(s.max_object_bytes(), DEFAULT_MAX_OBJECT_BYTES);
 }
 
@@ -951,4 +952,20 @@ async fn pingora_http_cache_miss_stream_hit_and_purge() {
     assert!(!purge.purge().await.expect("purge"));
     let mut after = new_cache();
     assert!(after.cache_lookup().await.expect("lookup").is_none());
+}
+
+#[test]
+fn open_blocking_works_without_a_runtime() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = EdgeStorage::open_blocking(disk_cfg(dir.path(), 1 << 20)).expect("open");
+    assert_eq!(s.stats(), StorageStats::default());
+    assert!(dir.path().join("objects").is_dir() && dir.path().join("tmp").is_dir());
+    // purge without a runtime unlinks inline
+    assert_eq!(s.purge_prefix(""), 0);
+    let bad = CacheStorageConfig {
+        memory_bytes: 10,
+        max_object_bytes: 11,
+        disk: None,
+    };
+    assert!(EdgeStorage::open_blocking(bad).is_err());
 }
