@@ -260,7 +260,7 @@ async fn eviction_is_least_recently_used() {
     assert!(s.stats().evictions > 0);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_fills_stay_within_budget() {
     const LIMIT: usize = 128 * 1024;
     let s = mem_only(LIMIT, 16 * 1024).await;
