@@ -486,3 +486,43 @@ response = false
         "the cut-off response was served from cache"
     );
 }
+
+#[tokio::test]
+async fn the_disk_tier_serves_a_stored_response_after_a_restart() {
+    let origin = Origin::start("a").await;
+    let disk = tempfile::tempdir().unwrap();
+    let body = format!(
+        "{}\n[cache]\ndisk_dir = \"{}\"\n",
+        cached(&origin, ""),
+        disk.path().display()
+    );
+    let path = "/fixed?cc=max-age%3D300";
+    // the key has the Host: keep it the same across the two edges' ports
+    let host = [("host", "chat.example")];
+    {
+        let edge = Edge::start(&body).await;
+        get(&edge, path, &host).await.bytes().await.unwrap();
+        assert_eq!(origin.requests(), 1);
+        let edge_ref = &edge;
+        wait_until(Duration::from_secs(10), "object on disk", || async move {
+            edge_ref
+                .metric("wingman_edge_cache_objects")
+                .await
+                .unwrap_or(0.0)
+                >= 2.0
+        })
+        .await;
+    } // stopped
+    let edge = Edge::start(&body).await;
+    let resp = get(&edge, path, &host).await;
+    assert!(status_of(&resp).contains("hit"), "{}", status_of(&resp));
+    assert_eq!(resp.bytes().await.unwrap().len(), 4096);
+    assert_eq!(origin.requests(), 1, "served from disk after the restart");
+    edge.wait_metric("wingman_edge_cache_lookups_total{result=\"hit\"}", 1.0)
+        .await;
+    let objects = edge
+        .metric("wingman_edge_cache_objects")
+        .await
+        .unwrap_or(0.0);
+    assert!(objects >= 1.0, "objects {objects}");
+}

@@ -1,22 +1,23 @@
-//! The process-wide cache store the proxy enables per request: storage, eviction
-//! manager and cache lock (pingora wants all three as `&'static`), plus purges and
-//! statistics for the admin listener and metrics. Created once at start; reloads keep
-//! it (cache contents survive a reload).
+//! The process-wide cache store the proxy enables per request: storage and cache
+//! lock (pingora wants both as `&'static`), plus purges and statistics for the admin
+//! listener and metrics. Created once at start; reloads keep it, so cached responses
+//! survive a reload.
 
 use std::time::Duration;
 
-use pingora::cache::eviction::{lru, EvictionManager};
-use pingora::cache::key::{hash_key, CompactCacheKey};
+use pingora::cache::eviction::EvictionManager;
 use pingora::cache::lock::{CacheKeyLockImpl, CacheLock};
-use pingora::cache::storage::{PurgeTarget, PurgeType};
-use pingora::cache::trace::Span;
-use pingora::cache::{MemCache, Storage};
+use pingora::cache::predictor::{CacheablePredictor, Predictor};
+use pingora::cache::Storage;
+
+use super::storage::{CacheStorageConfig, DiskConfig, EdgeStorage};
 
 /// Global cache settings.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     pub memory_bytes: usize,
     pub max_object_bytes: usize,
+    /// (directory, size limit) of the disk tier.
     pub disk: Option<(std::path::PathBuf, u64)>,
 }
 
@@ -30,11 +31,13 @@ pub struct StoreStats {
 
 pub struct CacheStore {
     pub storage: &'static (dyn Storage + Sync),
+    /// Always `None`: the storage evicts by itself, under one byte budget.
     pub eviction: Option<&'static (dyn EvictionManager + Sync)>,
     pub lock: &'static CacheKeyLockImpl,
+    /// Remembers keys found uncacheable (or too large) so later requests skip lookups.
+    pub predictor: &'static (dyn CacheablePredictor + Sync),
     pub max_object_bytes: usize,
-    memory: &'static MemCache,
-    lru: &'static lru::Manager<16>,
+    edge: &'static EdgeStorage,
 }
 
 /// How long a cache lock is held at most before readers stop waiting for it.
@@ -42,47 +45,46 @@ const LOCK_AGE_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl CacheStore {
     pub async fn open(cfg: &StoreConfig) -> std::io::Result<&'static CacheStore> {
-        let memory: &'static MemCache = Box::leak(Box::new(MemCache::new()));
-        let lru: &'static lru::Manager<16> = Box::leak(Box::new(lru::Manager::with_capacity(
-            cfg.memory_bytes,
-            (cfg.memory_bytes / 4096).max(64),
-        )));
-        let lock: &'static CacheKeyLockImpl = Box::leak(CacheLock::new_boxed(LOCK_AGE_TIMEOUT));
-        Ok(Box::leak(Box::new(CacheStore {
-            storage: memory,
-            eviction: Some(lru),
-            lock,
+        let storage_cfg = CacheStorageConfig {
+            memory_bytes: cfg.memory_bytes,
             max_object_bytes: cfg.max_object_bytes,
-            memory,
-            lru,
+            disk: cfg
+                .disk
+                .clone()
+                .map(|(dir, max_bytes)| DiskConfig { dir, max_bytes }),
+        };
+        storage_cfg
+            .validate()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+        let edge = EdgeStorage::open(storage_cfg).await?;
+        let lock: &'static CacheKeyLockImpl = Box::leak(CacheLock::new_boxed(LOCK_AGE_TIMEOUT));
+        let predictor: &'static Predictor<16> = Box::leak(Box::new(Predictor::new(4096, None)));
+        Ok(Box::leak(Box::new(CacheStore {
+            storage: edge,
+            eviction: edge.eviction(),
+            lock,
+            predictor,
+            max_object_bytes: edge.max_object_bytes(),
+            edge,
         })))
     }
 
-    /// Removes the stored responses for one primary key. Returns how many.
+    /// Removes the stored responses (every Vary variant) for one primary key.
     pub async fn invalidate(&'static self, primary: &str) -> usize {
-        let key = CompactCacheKey {
-            primary: hash_key(primary),
-            variance: None,
-            user_tag: "".into(),
-        };
-        let span = Span::inactive().handle();
-        match self
-            .storage
-            .purge(PurgeTarget::Active(&key), PurgeType::Invalidation, &span)
-            .await
-        {
-            Ok(pingora::cache::storage::PurgeOutcome::Purged(_)) => 1,
-            _ => 0,
-        }
+        self.edge.purge_primary(primary)
     }
 
     /// Removes every stored response whose primary key starts with `prefix`.
-    pub async fn purge_prefix(&'static self, _prefix: &str) -> usize {
-        0
+    pub async fn purge_prefix(&'static self, prefix: &str) -> usize {
+        self.edge.purge_prefix(prefix)
     }
 
     pub fn stats(&self) -> StoreStats {
-        let _ = (self.memory, self.lru);
-        StoreStats::default()
+        let s = self.edge.stats();
+        StoreStats {
+            bytes: s.bytes_memory + s.bytes_disk,
+            objects: s.objects_memory + s.objects_disk,
+            evictions: s.evictions,
+        }
     }
 }

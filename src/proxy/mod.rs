@@ -539,7 +539,7 @@ impl ProxyHttp for Edge {
         session.cache.enable(
             store.storage,
             store.eviction,
-            None,
+            Some(store.predictor),
             Some(store.lock),
             Some(overrides),
         );
