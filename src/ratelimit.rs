@@ -1,7 +1,8 @@
 //! Per-client limits: request rate ([`RateLimiter`], like nginx `limit_req` and
 //! HAProxy stick tables), concurrent connections ([`ConnLimiter`], like nginx
 //! `limit_conn`), and finding the client behind trusted proxies ([`client_ip`],
-//! like nginx `real_ip_header X-Forwarded-For` with `real_ip_recursive on`).
+//! like nginx `real_ip_header X-Forwarded-For` with `real_ip_recursive on`), and
+//! the allocation-free key of a client address ([`IpKey`]).
 //!
 //! This module owns the limiter state and its memory bound; the caller owns the
 //! policy: it extracts the key (client IP, a header or cookie value), picks the
@@ -336,6 +337,44 @@ impl Drop for ConnGuard {
                 table.remove(&self.ip);
             }
         }
+    }
+}
+
+/// The rate limit key of a client IP, without allocating: the 4 bytes of an IPv4
+/// address, or the 16 bytes of an IPv6 address with the bits after `ipv6_prefix`
+/// cleared.
+///
+/// A single IPv6 host usually controls a whole /64 (or more), so keying on the full
+/// address would give it 2^64 buckets; `ipv6_prefix = 64` counts a /64 as one
+/// client (use 128 for exact addresses). IPv4-mapped IPv6 addresses key as IPv4.
+/// IPv4 and IPv6 keys differ in length, so they never collide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IpKey {
+    bytes: [u8; 16],
+    len: u8,
+}
+
+impl IpKey {
+    /// The key of `ip`; `ipv6_prefix` above 128 counts as 128.
+    pub fn new(ip: IpAddr, ipv6_prefix: u8) -> Self {
+        let mut bytes = [0u8; 16];
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => {
+                bytes[..4].copy_from_slice(&v4.octets());
+                IpKey { bytes, len: 4 }
+            }
+            IpAddr::V6(v6) => {
+                let prefix = u32::from(ipv6_prefix.min(128));
+                let mask = u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
+                bytes = (u128::from(v6) & mask).to_be_bytes();
+                IpKey { bytes, len: 16 }
+            }
+        }
+    }
+
+    /// The bytes to pass to [`RateLimiter::check`].
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
     }
 }
 
@@ -719,6 +758,29 @@ mod tests {
             lb,
             "nothing trusted"
         );
+    }
+
+    #[test]
+    fn ip_keys_group_an_ipv6_prefix_and_keep_ipv4_exact() {
+        let k = |s: &str, p| IpKey::new(ip(s), p);
+        assert_eq!(k("192.0.2.1", 64).as_bytes(), &[192, 0, 2, 1]);
+        assert_ne!(k("192.0.2.1", 64), k("192.0.2.2", 64));
+        assert_eq!(k("::ffff:192.0.2.1", 64), k("192.0.2.1", 64));
+        assert_eq!(k("2001:db8:1:2::1", 64), k("2001:db8:1:2:ffff::9", 64));
+        assert_ne!(k("2001:db8:1:2::1", 64), k("2001:db8:1:3::1", 64));
+        assert_ne!(k("2001:db8:1:2::1", 128), k("2001:db8:1:2::2", 128));
+        assert_eq!(k("2001:db8::1", 0), k("2001:db9::1", 0));
+        assert_eq!(k("2001:db8::1", 200), k("2001:db8::1", 128));
+        assert_eq!(k("2001:db8::1", 64).as_bytes().len(), 16);
+        // one IPv6 /64 shares one bucket
+        let rl = RateLimiter::new(1.0, 0, 100).expect("valid");
+        let t0 = Instant::now();
+        assert!(rl
+            .check(k("2001:db8:0:1::a", 64).as_bytes(), t0)
+            .is_allowed());
+        assert!(!rl
+            .check(k("2001:db8:0:1::b", 64).as_bytes(), t0)
+            .is_allowed());
     }
 
     #[test]
