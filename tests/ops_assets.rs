@@ -1,7 +1,10 @@
 //! Guards the operations files against drift from the code: `conf/alerts.yml`
-//! (Prometheus rules) and `conf/grafana-dashboard.json` must parse, be well formed,
-//! and use only metric and label names that `src/metrics.rs` registers (or that are
-//! announced in [`PLANNED`]); and every registered metric must be on the dashboard.
+//! (Prometheus rules), its unit tests `conf/alerts.test.yml` and
+//! `conf/grafana-dashboard.json` must parse, be well formed, and use only metric and
+//! label names that `src/metrics.rs` registers (or that are announced in
+//! [`PLANNED`]); and every registered metric must be on the dashboard. With
+//! `promtool` installed, `-- --ignored` also runs Prometheus's checker and the
+//! rules' unit tests.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -291,6 +294,60 @@ fn alert_rules_parse_and_use_only_registered_metrics() {
         "wingman_edge_rate_limited_total",
     ] {
         assert!(used.contains(metric), "no alert uses {metric}");
+    }
+}
+
+#[test]
+fn alert_unit_tests_use_only_registered_metrics() {
+    let registry = registered_metrics();
+    let doc: serde_yaml::Value =
+        serde_yaml::from_str(&repo_file("conf/alerts.test.yml")).expect("alerts.test.yml is YAML");
+    assert_eq!(
+        doc["rule_files"][0].as_str(),
+        Some("alerts.yml"),
+        "the unit tests load the rules"
+    );
+    let tests = doc["tests"].as_sequence().expect("tests list");
+    let mut problems = Vec::new();
+    let mut series_count = 0;
+    for test in tests {
+        for input in test["input_series"].as_sequence().expect("input_series") {
+            let series = input["series"].as_str().expect("series selector");
+            series_count += 1;
+            problems.extend(check_expr(&registry, series, series, &[]).0);
+        }
+    }
+    assert!(series_count > 10, "input series found: {series_count}");
+    assert!(
+        problems.is_empty(),
+        "alerts.test.yml:\n{}",
+        problems.join("\n")
+    );
+}
+
+/// Runs Prometheus's own rule checker and the unit tests of the rules. Needs
+/// `promtool` on the PATH (Debian: `apt-get install prometheus`); run with
+/// `cargo test --test ops_assets -- --ignored`.
+#[test]
+#[ignore = "needs promtool (apt-get install prometheus)"]
+fn promtool_accepts_the_rules_and_their_unit_tests_pass() {
+    let conf = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("conf");
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts.test.yml"],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(&conf)
+            .output()
+            .unwrap_or_else(|e| panic!("running promtool (is it installed?): {e}"));
+        assert!(
+            out.status.success(),
+            "promtool {}:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
