@@ -724,7 +724,10 @@ impl Writer {
                     return;
                 }
             }
-            if self.stats.reopen_pending.swap(false, Ordering::AcqRel) {
+            // a plain load first: the swap is a locked instruction, paid only when set
+            if self.stats.reopen_pending.load(Ordering::Acquire)
+                && self.stats.reopen_pending.swap(false, Ordering::AcqRel)
+            {
                 self.reopen();
             }
             if self
