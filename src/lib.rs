@@ -5,6 +5,7 @@
 //! -> origin. [`reload`] swaps snapshots on SIGHUP; [`admin`] serves metrics and
 //! status. [`app`] assembles the pingora server.
 
+pub mod accesslog;
 pub mod admin;
 pub mod app;
 pub mod buffer;
@@ -14,6 +15,7 @@ pub mod config;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;
+pub mod ratelimit;
 pub mod reload;
 pub mod route;
 pub mod snapshot;
