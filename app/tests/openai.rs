@@ -239,3 +239,34 @@ async fn the_app_streams_an_openai_reply_over_websocket_and_persists_it() {
     assert_eq!(v["messages"][1]["content"], "Hello world");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_broken_mid_reply_keeps_the_partial_text_and_reports_it() {
+    let (base, _fake) = start_fake(vec![Behaviour::Stream {
+        deltas: vec!["Half", " an"],
+        cut: true,
+    }])
+    .await;
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut s = test_settings(&db.url);
+    s.llm = settings(&base);
+    let app = TestApp::start(s, Options::default()).await;
+    let (token, _) = app.register("partial").await;
+    let conv = app.new_conversation(&token, "cut").await;
+    let mut ws = app.ws(&token).await;
+    let id = app.post_message(&token, conv, "go").await["message"]["id"]
+        .as_i64()
+        .expect("id");
+    let frames = ws
+        .until(|v| v["type"] == "message" && v["message"]["reply_to"] == id)
+        .await;
+    assert!(
+        frames
+            .iter()
+            .any(|v| v["type"] == "reply_failed" && v["reply_to"] == id),
+        "no reply_failed event: {frames:?}"
+    );
+    let last = frames.last().expect("final");
+    assert_eq!(last["message"]["content"], "Half an [reply interrupted]");
+    app.stop().await;
+}

@@ -249,6 +249,10 @@ pub struct JobSettings {
     pub poll_interval: Duration,
     /// Prefix of the queue names, so deployments sharing a database stay apart.
     pub queue_prefix: String,
+    /// Worker heartbeat; jobs held by a worker silent for two beats are re-enqueued
+    /// (also when a worker dies on a database error and is rebuilt).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
 }
 
 impl Default for JobSettings {
@@ -261,6 +265,7 @@ impl Default for JobSettings {
             retries: 3,
             poll_interval: Duration::from_millis(200),
             queue_prefix: String::new(),
+            heartbeat_interval: Duration::from_secs(5),
         }
     }
 }

@@ -262,10 +262,12 @@ pub async fn start(
         let ai_cfg = apalis_sqlite::Config::default()
             .queue(&ai_queue)
             .batch_size(32)
-            .persist_results(false);
+            .persist_results(false)
+            .heartbeat_interval(settings.heartbeat_interval);
         let heavy_cfg = apalis_sqlite::Config::default()
             .queue(&heavy_queue)
-            .batch_size(settings.heavy_concurrency);
+            .batch_size(settings.heavy_concurrency)
+            .heartbeat_interval(settings.heartbeat_interval);
         let ai = SqliteStorage::<AiJob>::new(&ai_pool).with_config(ai_cfg);
         let heavy = SqliteStorage::<ExportJob>::new(&heavy_pool).with_config(heavy_cfg);
         let ai_strategy = Strategy::new()
@@ -323,10 +325,12 @@ pub async fn start(
         let ai_cfg = apalis_postgres::Config::default()
             .queue(&ai_queue)
             .batch_size(32)
-            .persist_results(false);
+            .persist_results(false)
+            .heartbeat_interval(settings.heartbeat_interval);
         let heavy_cfg = apalis_postgres::Config::default()
             .queue(&heavy_queue)
-            .batch_size(settings.heavy_concurrency);
+            .batch_size(settings.heavy_concurrency)
+            .heartbeat_interval(settings.heartbeat_interval);
         let (wake_ai, ai_wake_rx) = futures::channel::mpsc::unbounded::<()>();
         let (wake_heavy, heavy_wake_rx) = futures::channel::mpsc::unbounded::<()>();
         let ai = PostgresStorage::<AiJob>::new(&pool).with_config(ai_cfg);
