@@ -50,6 +50,8 @@ pub enum StartError {
     Cache(std::io::Error),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("access log: {0}")]
+    AccessLog(String),
 }
 
 /// pingora's TLS settings want handshake callbacks; the edge needs none.
@@ -101,6 +103,35 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
                 .map(|d| (d, cfg.cache.disk_max.get())),
         }))
         .map_err(StartError::Cache)?;
+    let access_log = match &cfg.access_log {
+        None => None,
+        Some(a) => {
+            let format: crate::accesslog::Format =
+                a.format
+                    .parse()
+                    .map_err(|e: crate::accesslog::AccessLogError| {
+                        StartError::AccessLog(e.to_string())
+                    })?;
+            let fields = if a.fields.is_empty() {
+                format.default_fields()
+            } else {
+                crate::accesslog::parse_fields(&a.fields)
+                    .map_err(|e| StartError::AccessLog(e.to_string()))?
+            };
+            let log = crate::accesslog::AccessLog::start(&crate::accesslog::AccessLogConfig {
+                destination: crate::accesslog::Destination::parse(&a.path),
+                format: crate::accesslog::LogFormat::new(format, fields),
+                buffer_records: a.buffer,
+                flush_interval: crate::accesslog::DEFAULT_FLUSH_INTERVAL,
+            })
+            .map_err(|e| StartError::AccessLog(e.to_string()))?;
+            Some(Arc::new(log))
+        }
+    };
+    let conn_limit = (cfg.client.max_conns_per_ip > 0)
+        .then(|| crate::ratelimit::ConnLimiter::new(cfg.client.max_conns_per_ip))
+        .transpose()
+        .map_err(|e| StartError::AccessLog(e.to_string()))?;
 
     let conf = server_conf(&cfg, opts.daemon);
     let opt = Opt {
@@ -132,6 +163,7 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
                 snapshots: reloader.snapshots.clone(),
                 metrics: metrics.clone(),
                 cache: Some(cache),
+                access_log: access_log.clone(),
             },
             server_conf.clone(),
         );
@@ -146,6 +178,7 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
             proxy: Arc::new(proxy),
             snapshots: reloader.snapshots.clone(),
             metrics: metrics.clone(),
+            conn_limit: conn_limit.clone(),
         };
         let mut service = Service::new(name.to_string(), app);
         for l in listeners {
@@ -215,6 +248,10 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
             for _ in signals.forever() {
                 log::info!("SIGHUP: reloading {}", reload_thread.path.display());
                 let _ = rt.block_on(reload_thread.reload());
+                // logrotate: rename the file, then SIGHUP
+                if let Some(log) = &access_log {
+                    log.reopen();
+                }
             }
         })
         .map_err(StartError::Runtime)?;

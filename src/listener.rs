@@ -35,6 +35,8 @@ pub struct EdgeApp {
     pub proxy: Arc<HttpProxy<Edge>>,
     pub snapshots: SnapshotHandle,
     pub metrics: Arc<Metrics>,
+    /// Open connections per client address (`client.max_conns_per_ip`).
+    pub conn_limit: Option<crate::ratelimit::ConnLimiter>,
 }
 
 /// Why no request head could be read.
@@ -55,6 +57,23 @@ impl ServerApp for EdgeApp {
         mut stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        // held for the whole connection; released on return
+        let _conn_slot = match &self.conn_limit {
+            None => None,
+            Some(limiter) => {
+                let peer = stream
+                    .get_socket_digest()
+                    .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+                match peer.map(|ip| limiter.acquire(ip)) {
+                    Some(None) => {
+                        self.reject(&mut stream, 429, "Too Many Requests").await;
+                        return None;
+                    }
+                    Some(Some(guard)) => Some(guard),
+                    None => None,
+                }
+            }
+        };
         let limits = self.snapshots.load().client;
         let h2c = self.proxy.server_options.as_ref().is_some_and(|o| o.h2c);
         let tls = stream.get_ssl_digest().is_some();

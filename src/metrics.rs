@@ -50,6 +50,7 @@ pub struct Metrics {
     pub cache_bytes: IntGauge,
     pub cache_objects: IntGauge,
     pub cache_evictions: IntGauge,
+    pub rate_limited: IntCounterVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -219,6 +220,11 @@ impl Metrics {
             cache_evictions: reg!(IntGauge::new(
                 "wingman_edge_cache_evictions",
                 "Responses evicted from the cache since start"
+            )),
+            rate_limited: reg!(counter(
+                "wingman_edge_rate_limited_total",
+                "Requests answered 429 by a route's rate limit",
+                &["route"]
             )),
             registry,
         }

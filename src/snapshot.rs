@@ -71,6 +71,15 @@ pub struct RouteSnap {
     pub cache: Option<CachePolicy>,
     /// Strict-Transport-Security for TLS responses.
     pub hsts: Option<HeaderValue>,
+    pub rate_limit: Option<RouteLimit>,
+}
+
+/// A route's rate limit, with its long-lived buckets.
+#[derive(Debug, Clone)]
+pub struct RouteLimit {
+    pub limiter: Arc<crate::ratelimit::RateLimiter>,
+    pub key: config::HashOn,
+    pub ipv6_prefix: u8,
 }
 
 /// Client-side limits.
@@ -118,6 +127,8 @@ pub struct Snapshot {
     pub temp_dir: std::path::PathBuf,
     /// Token for admin actions (none: loopback only).
     pub admin_token: Option<String>,
+    /// Proxies whose X-Forwarded-For names the client.
+    pub trusted_proxies: Vec<crate::ratelimit::IpNet>,
 }
 
 /// Why a validated config could not be turned into a snapshot.
@@ -242,6 +253,20 @@ impl Snapshot {
                     .hsts
                     .as_deref()
                     .and_then(|h| HeaderValue::from_str(h).ok()),
+                rate_limit: match &r.rate_limit {
+                    None => None,
+                    Some(rl) => match registry.limiter(&r.name, rl.rate, rl.burst, rl.max_keys) {
+                        Ok(limiter) => Some(RouteLimit {
+                            limiter,
+                            key: config::parse_hash_on(&rl.key).unwrap_or(config::HashOn::ClientIp),
+                            ipv6_prefix: rl.ipv6_prefix,
+                        }),
+                        Err(e) => {
+                            errors.push(format!("{file}: route {:?}: rate_limit: {e}", r.name));
+                            None
+                        }
+                    },
+                },
                 response_buffering: r.buffering.response.then(|| ResponseBuffering {
                     limits: SpoolLimits {
                         memory: r.buffering.response_memory.get() as usize,
@@ -310,6 +335,8 @@ impl Snapshot {
             },
             temp_dir: cfg.server.temp_dir.clone(),
             admin_token: cfg.admin.token.clone().filter(|t| !t.is_empty()),
+            trusted_proxies: crate::ratelimit::parse_trusted_list(&cfg.client.trusted_proxies)
+                .unwrap_or_default(),
             listeners,
             admin: parse_addr(&cfg.admin.address)
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9901))),

@@ -96,6 +96,24 @@ pub struct Config {
     pub routes: Vec<Route>,
     #[serde(default)]
     pub cache: CacheSection,
+    /// Access log; none when absent.
+    pub access_log: Option<AccessLogSection>,
+}
+
+/// The access log. Set at start; SIGHUP reopens the file (for logrotate).
+#[derive(Debug, Clone, Deserialize)]
+pub struct AccessLogSection {
+    /// A file path, or "stdout".
+    pub path: String,
+    /// `combined` (nginx's) or `json`.
+    #[serde(default = "default_log_format")]
+    pub format: String,
+    /// Fields to log (empty: the format's defaults).
+    #[serde(default)]
+    pub fields: Vec<String>,
+    /// Records queued for the writer thread; past it records are dropped, never waited on.
+    #[serde(default = "default_log_buffer")]
+    pub buffer: usize,
 }
 
 /// The response cache's storage (shared by every route that caches). Set at start:
@@ -252,6 +270,13 @@ pub struct ClientLimits {
     /// Slowest accepted response send rate in bytes per second (0: no minimum).
     #[serde(default)]
     pub min_send_rate: ByteSize,
+    /// Proxies (addresses or CIDRs) whose X-Forwarded-For is believed when finding
+    /// the client address.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// Open connections allowed per client address (0: no limit). Set at start.
+    #[serde(default)]
+    pub max_conns_per_ip: u32,
 }
 
 impl Default for ClientLimits {
@@ -264,6 +289,8 @@ impl Default for ClientLimits {
             body_read_timeout: default_body_read_timeout(),
             send_timeout: default_send_timeout(),
             min_send_rate: ByteSize(0),
+            trusted_proxies: Vec::new(),
+            max_conns_per_ip: 0,
         }
     }
 }
@@ -426,6 +453,27 @@ pub struct Route {
     pub cache: RouteCache,
     /// Strict-Transport-Security value sent on TLS responses (absent: none).
     pub hsts: Option<String>,
+    /// Request rate limit (absent: none).
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A token bucket per key, like nginx's `limit_req ... nodelay`: `1 + burst`
+/// requests at once, then `rate` per second; over it, 429 with Retry-After.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RateLimit {
+    /// `client_ip`, `header:NAME` or `cookie:NAME`.
+    #[serde(default = "default_hash_on")]
+    pub key: String,
+    /// Requests per second.
+    pub rate: f64,
+    #[serde(default)]
+    pub burst: u32,
+    /// Keys remembered at most (least recently seen are forgotten first).
+    #[serde(default = "default_rate_limit_keys")]
+    pub max_keys: usize,
+    /// IPv6 clients are keyed by this prefix length.
+    #[serde(default = "default_ipv6_prefix")]
+    pub ipv6_prefix: u8,
 }
 
 /// Response caching of a route (RFC 9111 shared cache).
@@ -700,6 +748,18 @@ fn default_response_memory() -> ByteSize {
 }
 fn default_response_max_temp_file() -> ByteSize {
     ByteSize(1 << 30)
+}
+fn default_log_format() -> String {
+    "combined".into()
+}
+fn default_log_buffer() -> usize {
+    65_536
+}
+fn default_rate_limit_keys() -> usize {
+    100_000
+}
+fn default_ipv6_prefix() -> u8 {
+    64
 }
 fn default_https_port() -> u16 {
     443

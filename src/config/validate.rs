@@ -207,6 +207,26 @@ pub fn validate(c: &Config) -> Vec<(KeyPath, String)> {
             "must be above 0 and at most cache.memory".into(),
         ));
     }
+    for (j, t) in c.client.trusted_proxies.iter().enumerate() {
+        if let Err(e) = crate::ratelimit::parse_trusted(t) {
+            out.push((client.key("trusted_proxies").index(j), e.to_string()));
+        }
+    }
+    if let Some(log) = &c.access_log {
+        let lp = root.key("access_log");
+        if log.format.parse::<crate::accesslog::Format>().is_err() {
+            out.push((
+                lp.key("format"),
+                format!("{:?} is not combined or json", log.format),
+            ));
+        }
+        if let Err(e) = crate::accesslog::parse_fields(&log.fields) {
+            out.push((lp.key("fields"), e.to_string()));
+        }
+        if log.buffer == 0 {
+            out.push((lp.key("buffer"), "must be at least 1".into()));
+        }
+    }
     if c.server.threads == 0 {
         out.push((
             root.key("server").key("threads"),
@@ -412,6 +432,21 @@ pub fn validate(c: &Config) -> Vec<(KeyPath, String)> {
                     kp.key("bypass_headers").index(j),
                     format!("{h:?} is not a valid header name"),
                 ));
+            }
+        }
+        if let Some(rl) = &r.rate_limit {
+            let rlp = rp.key("rate_limit");
+            if let Err(e) = parse_hash_on(&rl.key) {
+                out.push((rlp.key("key"), e));
+            }
+            if !(rl.rate.is_finite() && rl.rate > 0.0) {
+                out.push((
+                    rlp.key("rate"),
+                    "must be above 0 requests per second".into(),
+                ));
+            }
+            if rl.max_keys == 0 {
+                out.push((rlp.key("max_keys"), "must be at least 1".into()));
             }
         }
         if let Some(h) = &r.hsts {

@@ -46,6 +46,8 @@ pub struct Edge {
     pub metrics: Arc<Metrics>,
     /// The response cache (created once at start, shared by every route that caches).
     pub cache: Option<&'static CacheStore>,
+    /// The access log (written off the request path).
+    pub access_log: Option<Arc<crate::accesslog::AccessLog>>,
 }
 
 /// Per-request state.
@@ -61,6 +63,10 @@ pub struct Ctx {
     tried: Vec<usize>,
     attempts: u32,
     upgraded: bool,
+    /// Retry-After seconds for a 429.
+    retry_after_secs: Option<u64>,
+    /// When the request arrived (for the access log).
+    arrived: std::time::SystemTime,
     /// The status the edge itself answered with, if it did.
     edge_status: Option<u16>,
     retry_after: bool,
@@ -286,6 +292,69 @@ impl Edge {
         ctx.encoder = Some(encoder);
     }
 
+    /// Checks the route's rate limit; the Retry-After seconds when over it.
+    fn rate_limited(&self, session: &Session, ctx: &Ctx) -> Option<u64> {
+        let r = ctx.route()?;
+        let limit = r.rate_limit.as_ref()?;
+        let decision = match &limit.key {
+            crate::config::HashOn::ClientIp => {
+                let ip = ctx.client_ip?;
+                let key = crate::ratelimit::IpKey::new(ip, limit.ipv6_prefix);
+                limit
+                    .limiter
+                    .check(key.as_bytes(), std::time::Instant::now())
+            }
+            other => {
+                let key = headers::hash_key(session.req_header(), other, ctx.client_ip);
+                limit.limiter.check(&key, std::time::Instant::now())
+            }
+        };
+        let secs = decision.retry_after_secs()?;
+        self.metrics
+            .rate_limited
+            .with_label_values(&[r.name.as_str()])
+            .inc();
+        Some(secs)
+    }
+
+    /// Writes the access log line of a finished request.
+    fn access_log(&self, session: &Session, status: u16, ctx: &Ctx) {
+        let Some(log) = &self.access_log else { return };
+        let req = session.req_header();
+        let header = |name: http::header::HeaderName| {
+            req.headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let upstream = ctx.pool().and_then(|p| {
+            ctx.tried
+                .last()
+                .or(ctx.lease.as_ref().map(|l| &l.index))
+                .map(|&i| p.servers[i].addr.to_string())
+        });
+        let rec = crate::accesslog::LogRecord {
+            remote_addr: ctx.client_ip,
+            time: ctx.arrived,
+            method: req.method.to_string(),
+            uri: req.uri.to_string(),
+            protocol: format!("{:?}", req.version),
+            status,
+            bytes_sent: session.body_bytes_sent() as u64,
+            referer: header(http::header::REFERER),
+            user_agent: header(http::header::USER_AGENT),
+            request_id: Some(ctx.request_id.clone()),
+            route: ctx.route().map(|r| r.name.clone()),
+            upstream,
+            upstream_time_ms: None,
+            request_time_ms: ctx.start.elapsed().as_secs_f64() * 1000.0,
+            cache_status: ctx.cache_outcome.map(|o| o.label().to_owned()),
+            compression: ctx.encoder.as_ref().map(|e| e.coding.token().to_owned()),
+            host: headers::request_host(req).map(str::to_owned),
+        };
+        log.log(rec);
+    }
+
     /// The https port to redirect to, when the request came in on a cleartext
     /// listener configured to redirect.
     fn redirect_port(&self, session: &Session, ctx: &Ctx) -> Option<u16> {
@@ -402,6 +471,8 @@ impl ProxyHttp for Edge {
             tried: Vec::new(),
             attempts: 0,
             upgraded: false,
+            retry_after_secs: None,
+            arrived: std::time::SystemTime::now(),
             edge_status: None,
             retry_after: false,
             accept_encoding: Vec::new(),
@@ -425,10 +496,27 @@ impl ProxyHttp for Edge {
         ctx.start = Instant::now();
         let req = session.req_header();
         ctx.request_id = headers::request_id(req.headers.get(headers::X_REQUEST_ID));
-        ctx.client_ip = session
+        let peer = session
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
+        ctx.client_ip = peer.map(|peer| {
+            if ctx.snap.trusted_proxies.is_empty() {
+                return peer;
+            }
+            let xff: Vec<&str> = req
+                .headers
+                .get_all(headers::X_FORWARDED_FOR)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            let joined = xff.join(",");
+            crate::ratelimit::client_ip(
+                peer,
+                (!joined.is_empty()).then_some(joined.as_str()),
+                &ctx.snap.trusted_proxies,
+            )
+        });
         let is_h1 = !session.is_http2();
         if let Err(invalid) = headers::check_request(
             session.req_header(),
@@ -454,6 +542,11 @@ impl ProxyHttp for Edge {
             return Ok(true);
         };
         ctx.route = Some(route);
+        if let Some(retry) = self.rate_limited(session, ctx) {
+            ctx.retry_after_secs = Some(retry);
+            respond(session, ctx, 429, "too many requests").await;
+            return Ok(true);
+        }
         let r = &ctx.snap.routes[route];
         let pool = &ctx.snap.pools[r.pool];
         if pool.algorithm == crate::config::Algorithm::Hash {
@@ -980,6 +1073,7 @@ impl ProxyHttp for Edge {
         if ctx.upgraded {
             self.metrics.websockets_active.dec();
         }
+        self.access_log(session, status, ctx);
         if let Some(lease) = ctx.lease.take() {
             let ok = status != 0 && status < 500;
             lease.server.record_request(ok, ctx.start.elapsed());
@@ -1050,7 +1144,9 @@ async fn respond(session: &mut Session, ctx: &mut Ctx, status: u16, text: &str) 
     let _ = resp.insert_header("content-length", body.len().to_string());
     let _ = resp.insert_header(headers::X_REQUEST_ID, ctx.request_id.clone());
     let _ = resp.insert_header("cache-control", "no-store");
-    if status == 503 || ctx.retry_after {
+    if let Some(secs) = ctx.retry_after_secs {
+        let _ = resp.insert_header("retry-after", secs.to_string());
+    } else if status == 503 || ctx.retry_after {
         let _ = resp.insert_header("retry-after", "1");
     }
     if let Err(e) = session

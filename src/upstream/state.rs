@@ -300,10 +300,22 @@ impl Drop for Lease {
 }
 
 /// Hands out long-lived state by stable key.
-#[derive(Debug, Default)]
+/// (route, rate bits, burst, max keys).
+type LimiterKey = (String, u64, u32, usize);
+
+#[derive(Default)]
 pub struct Registry {
     servers: Mutex<HashMap<(String, SocketAddr), Weak<ServerState>>>,
     pools: Mutex<HashMap<String, Weak<PoolState>>>,
+    /// Rate limiters by (route, settings): a reload that keeps a route's limit keeps
+    /// its buckets.
+    limiters: Mutex<HashMap<LimiterKey, Weak<crate::ratelimit::RateLimiter>>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
 }
 
 impl Registry {
@@ -334,6 +346,26 @@ impl Registry {
         map.insert(name.to_owned(), Arc::downgrade(&p));
         map.retain(|_, w| w.strong_count() > 0);
         p
+    }
+
+    /// The rate limiter of a route with these settings: the existing one while any
+    /// snapshot holds it, a new (empty) one otherwise.
+    pub fn limiter(
+        &self,
+        route: &str,
+        rate: f64,
+        burst: u32,
+        max_keys: usize,
+    ) -> Result<Arc<crate::ratelimit::RateLimiter>, crate::ratelimit::LimitConfigError> {
+        let mut map = self.limiters.lock();
+        let key = (route.to_owned(), rate.to_bits(), burst, max_keys);
+        if let Some(l) = map.get(&key).and_then(Weak::upgrade) {
+            return Ok(l);
+        }
+        let l = Arc::new(crate::ratelimit::RateLimiter::new(rate, burst, max_keys)?);
+        map.insert(key, Arc::downgrade(&l));
+        map.retain(|_, w| w.strong_count() > 0);
+        Ok(l)
     }
 
     /// Number of servers whose state is still alive (for tests and /status).
