@@ -35,7 +35,7 @@ die() { echo "compare.sh: $*" >&2; exit 2; }
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 
 workers=1; quick=0; build=1; port=6188; out=""; pin=""
-duration=""; warmup=""; runs=""; scenarios=""; proxies="direct,nginx,nginx-gzip,haproxy,custom"
+duration=""; warmup=""; runs=""; scenarios=""; proxies="direct,nginx,nginx-gzip,nginx-cache,haproxy,custom"
 extra=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -80,7 +80,7 @@ if [ -z "$scenarios" ]; then
     if [ "$quick" = 1 ]; then
         scenarios="small-c64,json50k-c64,slow-c256"
     else
-        scenarios="small-c64,small-c256,small-c1000,json50k-c64,slow-c256,json50k-gzip-c64"
+        scenarios="small-c64,small-c256,small-c1000,json50k-c64,slow-c256,json50k-gzip-c64,cacheable-c64"
     fi
 fi
 args=(--proxies "$proxies" --scenarios "$scenarios" --workers "$workers")

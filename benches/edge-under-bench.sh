@@ -65,6 +65,16 @@ upstream = "origin"
 [routes.compression]
 # the gzip scenario compares at the harness's level (nginx: gzip_comp_level)
 gzip_level = ${BENCH_GZIP_LEVEL:-5}
+
+# the cache scenario: /cacheable is cached like nginx-cache's proxy_cache location
+[[routes]]
+name = "cacheable"
+path_prefix = "/cacheable"
+upstream = "origin"
+[routes.compression]
+gzip_level = ${BENCH_GZIP_LEVEL:-5}
+[routes.cache]
+enabled = true
 EOF
 
 if [ -n "${WINGMAN_BENCH_CONF_DIR:-}" ]; then

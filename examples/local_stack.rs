@@ -1,64 +1,96 @@
-//! The local stack: the edge on 127.0.0.1:8080 in front of two sample origins, on
-//! embedded defaults. `cargo run --release --example local_stack`; Ctrl-C stops it.
+//! The local stack: wingman-edge on 127.0.0.1:8080 in front of two wingman-app
+//! instances on embedded defaults (one SQLite file, the offline AI provider, an
+//! in-process event bus shared by both, so WebSocket events reach every socket).
 //!
-//! Until the app server exists the origins are small built-in HTTP servers that say
-//! which one answered; `/status` and `/metrics` are on the admin port 9901.
+//! `cargo run --release --example local_stack`, then open http://127.0.0.1:8080/.
+//! Ctrl-C stops everything.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
-
-use axum::routing::get;
-use axum::Router;
 
 const EDGE: &str = "127.0.0.1:8080";
 const ADMIN: &str = "127.0.0.1:9901";
 
 fn main() {
-    let origins: Vec<SocketAddr> = {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .expect("origin runtime");
-            rt.block_on(async move {
-                let mut addrs = Vec::new();
-                for n in 1..=2 {
-                    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-                        .await
-                        .expect("bind origin");
-                    addrs.push(l.local_addr().expect("origin address"));
-                    let page = format!("Hello from origin {n}, through wingman-edge\n");
-                    let app = Router::new()
-                        .route("/healthz", get(|| async { "ok\n" }))
-                        .fallback(move || {
-                            let page = page.clone();
-                            async move { page }
-                        });
-                    tokio::spawn(async move {
-                        let _ = axum::serve(l, app).await;
-                    });
+    let dir = std::env::temp_dir().join("wingman-local-stack");
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        eprintln!("cannot create {}: {e}", dir.display());
+        std::process::exit(1);
+    }
+    let db = dir.join("wingman-app.db");
+
+    // two app instances on their own runtime thread
+    let (tx, rx) = std::sync::mpsc::channel::<Result<Vec<SocketAddr>, String>>();
+    let db_url = format!("sqlite://{}", db.display());
+    std::thread::spawn(move || {
+        let rt = match tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = tx.send(Err(format!("app runtime: {e}")));
+                return;
+            }
+        };
+        rt.block_on(async move {
+            let bus: Arc<dyn wingman_app::EventBus> = Arc::new(wingman_app::InProcessBus::new());
+            let mut addrs = Vec::new();
+            let mut tasks = Vec::new();
+            for n in 1..=2 {
+                let listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = tx.send(Err(format!("bind app {n}: {e}")));
+                        return;
+                    }
+                };
+                if let Ok(a) = listener.local_addr() {
+                    addrs.push(a);
                 }
-                let _ = tx.send(addrs);
-                std::future::pending::<()>().await;
-            });
+                let mut settings = wingman_app::Settings::default();
+                settings.database.url = db_url.clone();
+                let options = wingman_app::Options {
+                    bus: Some(bus.clone()),
+                    instance: Some(format!("app-{n}")),
+                };
+                tasks.push(tokio::spawn(async move {
+                    let never = std::future::pending::<()>();
+                    if let Err(e) =
+                        wingman_app::serve_with(settings, listener, never, options).await
+                    {
+                        eprintln!("app-{n} stopped: {e}");
+                    }
+                }));
+            }
+            let _ = tx.send(Ok(addrs));
+            for t in tasks {
+                let _ = t.await;
+            }
         });
-        rx.recv_timeout(Duration::from_secs(10))
-            .expect("origins started")
+    });
+    let apps = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => {
+            eprintln!("local stack: {e}");
+            std::process::exit(1);
+        }
+        Err(_) => {
+            eprintln!("local stack: the app instances did not start");
+            std::process::exit(1);
+        }
     };
 
-    let dir = std::env::temp_dir().join(format!("wingman-local-stack-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("state directory");
     let config = dir.join("edge.toml");
-    let servers: Vec<String> = origins
+    let servers: Vec<String> = apps
         .iter()
         .map(|a| format!("{{ address = \"{a}\" }}"))
         .collect();
-    std::fs::write(
-        &config,
-        format!(
-            r#"[server]
+    let text = format!(
+        r#"# generated by examples/local_stack.rs
+[server]
 grace_period = "1s"
 graceful_shutdown_timeout = "1s"
 pid_file = "{dir}/edge.pid"
@@ -72,26 +104,36 @@ address = "{ADMIN}"
 
 [[upstreams]]
 name = "app"
+algorithm = "least_conn"
 servers = [{servers}]
 [upstreams.health_check]
-path = "/healthz"
+path = "/readyz"
 interval = "1s"
 
 [[routes]]
 name = "app"
 upstream = "app"
+websocket_idle_timeout = "1h"
+[routes.cache]
+enabled = true
 "#,
-            dir = dir.display(),
-            servers = servers.join(", ")
-        ),
-    )
-    .expect("write config");
+        dir = dir.display(),
+        servers = servers.join(", ")
+    );
+    if let Err(e) = std::fs::write(&config, text) {
+        eprintln!("cannot write {}: {e}", config.display());
+        std::process::exit(1);
+    }
 
-    println!("wingman-edge local stack");
+    println!(
+        "wingman local stack: edge in front of {} app instances",
+        apps.len()
+    );
     println!("  open      http://{EDGE}/");
-    println!("  status    http://{ADMIN}/status");
+    println!("  status    http://{ADMIN}/");
     println!("  metrics   http://{ADMIN}/metrics");
-    println!("  config    {}", config.display());
+    println!("  apps      {}", servers.join(", "));
+    println!("  data      {}", db.display());
     println!("  Ctrl-C to stop");
     if let Err(e) = wingman_edge::app::run(wingman_edge::app::RunOptions {
         config,

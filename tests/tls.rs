@@ -106,6 +106,9 @@ async fn handshake(
     String,
     tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
 )> {
+    // the workspace builds rustls with both ring and aws-lc-rs (the app's HTTP
+    // client), so the process default must be chosen; the edge itself uses ring
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
     let config = match client_auth {
         Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
