@@ -14,7 +14,7 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
-use signal_hook::consts::SIGHUP;
+use signal_hook::consts::{SIGHUP, SIGUSR2};
 use signal_hook::iterator::Signals;
 
 use crate::admin::Admin;
@@ -79,7 +79,14 @@ pub fn check(path: PathBuf) -> Result<Config, ReloadError> {
 
 /// Starts the edge and serves until it is told to stop. Returns only on a start error.
 pub fn run(opts: RunOptions) -> Result<(), StartError> {
-    let mut signals = Signals::new([SIGHUP]).map_err(StartError::Signal)?;
+    let mut signals = Signals::new([SIGHUP, SIGUSR2]).map_err(StartError::Signal)?;
+    // the binary as started: after it is replaced on disk, /proc/self/exe names a
+    // deleted file, but this path names the new one
+    let exe = std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .and_then(|p| std::fs::canonicalize(p).ok())
+        .or_else(|| std::env::current_exe().ok());
     let metrics = Arc::new(Metrics::new());
     let registry = Registry::new();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -245,7 +252,11 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
     std::thread::Builder::new()
         .name("sighup".into())
         .spawn(move || {
-            for _ in signals.forever() {
+            for signal in signals.forever() {
+                if signal == SIGUSR2 {
+                    upgrade_self(exe.as_deref(), &reload_thread.path);
+                    continue;
+                }
                 log::info!("SIGHUP: reloading {}", reload_thread.path.display());
                 let _ = rt.block_on(reload_thread.reload());
                 // logrotate: rename the file, then SIGHUP
@@ -256,8 +267,58 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
         })
         .map_err(StartError::Runtime)?;
 
+    // tell systemd (Type=notify) once the services run; after an upgrade this also
+    // names this process as the unit's main process
+    let mut phases = server.watch_execution_phase();
+    std::thread::Builder::new()
+        .name("sd-notify".into())
+        .spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() else {
+                return;
+            };
+            rt.block_on(async move {
+                while let Ok(phase) = phases.recv().await {
+                    if matches!(phase, pingora::server::ExecutionPhase::Running) {
+                        crate::sdnotify::ready();
+                        return;
+                    }
+                }
+            });
+        })
+        .map_err(StartError::Runtime)?;
+
     log::info!("wingman-edge started: {}", cfg.summary());
     server.run_forever()
+}
+
+/// SIGUSR2, like nginx and HAProxy: start the binary (as it is on disk now) with
+/// `--upgrade` as a child, in this service's cgroup, then hand the listening sockets
+/// over and drain (pingora's SIGQUIT). The child tells systemd it is the new main
+/// process once it serves.
+fn upgrade_self(exe: Option<&std::path::Path>, config: &std::path::Path) {
+    let Some(exe) = exe else {
+        log::error!("SIGUSR2: cannot find the binary to upgrade to");
+        return;
+    };
+    log::warn!("SIGUSR2: upgrading to {}", exe.display());
+    match std::process::Command::new(exe)
+        .args(["run", "--upgrade", "-c"])
+        .arg(config)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+    {
+        Ok(child) => {
+            log::warn!(
+                "SIGUSR2: new process {}; handing the sockets over",
+                child.id()
+            );
+            let me = nix::unistd::Pid::from_raw(std::process::id() as i32);
+            if let Err(e) = nix::sys::signal::kill(me, nix::sys::signal::Signal::SIGQUIT) {
+                log::error!("SIGUSR2: cannot start the hand-over: {e}");
+            }
+        }
+        Err(e) => log::error!("SIGUSR2: cannot start {}: {e}", exe.display()),
+    }
 }
 
 fn server_conf(cfg: &Config, daemon: bool) -> ServerConf {

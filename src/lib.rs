@@ -18,6 +18,7 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod reload;
 pub mod route;
+pub mod sdnotify;
 pub mod snapshot;
 pub mod tls;
 pub mod upstream;

@@ -24,7 +24,9 @@ fn pid_in(edge: &Edge) -> Option<i32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_binary_upgrade_under_load_fails_no_request_without_keepalive() {
     let origin = Origin::start("a").await;
-    let mut edge = Edge::start(&single_pool(&origin, "")).await;
+    // the old process drains for 2 s: connections it accepted just before the
+    // hand-over are served, not cut when its runtime stops
+    let mut edge = Edge::start_with("grace_period = \"2s\"", "", &single_pool(&origin, "")).await;
     let old_pid = edge.pid() as i32;
     wait_until(Duration::from_secs(10), "pid file", || async {
         pid_in(&edge) == Some(old_pid)
@@ -147,4 +149,69 @@ async fn reload_and_stop_commands_find_the_edge_through_its_pid_file() {
     );
     let status = edge.wait_exit(Duration::from_secs(20)).await;
     assert!(status.is_some(), "the edge did not stop");
+}
+
+/// Reads one notification datagram (bounded wait).
+async fn notification(sock: &tokio::net::UnixDatagram) -> String {
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(20), sock.recv(&mut buf))
+        .await
+        .expect("a notification within 20 s")
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+fn mainpid(msg: &str) -> i32 {
+    msg.lines()
+        .find_map(|l| l.strip_prefix("MAINPID="))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no MAINPID in {msg:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_upgrades_in_place_and_the_new_process_tells_systemd_it_is_main() {
+    let origin = Origin::start("a").await;
+    let notify_dir = tempfile::tempdir().unwrap();
+    let notify_path = notify_dir.path().join("notify.sock");
+    let sock = tokio::net::UnixDatagram::bind(&notify_path).unwrap();
+    let mut edge = Edge::start_full(
+        "",
+        "",
+        &single_pool(&origin, ""),
+        &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
+    )
+    .await;
+    let first = notification(&sock).await;
+    assert!(first.contains("READY=1"), "{first:?}");
+    let old_pid = mainpid(&first);
+    assert_eq!(old_pid as u32, edge.pid());
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old_pid),
+        nix::sys::signal::Signal::SIGUSR2,
+    )
+    .unwrap();
+    let second = notification(&sock).await;
+    let new_pid = mainpid(&second);
+    assert!(
+        second.contains("READY=1") && new_pid != old_pid,
+        "{second:?}"
+    );
+    let edge_ref = &edge;
+    wait_until(
+        Duration::from_secs(20),
+        "pid file names the new process",
+        || async move { pid_in(edge_ref) == Some(new_pid) },
+    )
+    .await;
+    assert!(
+        edge.wait_exit(Duration::from_secs(30)).await.is_some(),
+        "the old process did not exit after handing over"
+    );
+    let resp = reqwest::get(edge.url("/")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(new_pid),
+        nix::sys::signal::Signal::SIGINT,
+    );
 }

@@ -262,7 +262,7 @@ pub fn preamble_with(
 [server]
 {server_extra}
 threads = 2
-grace_period = "0s"
+{grace}
 graceful_shutdown_timeout = "1s"
 pid_file = "{dir}/edge.pid"
 upgrade_sock = "{dir}/upgrade.sock"
@@ -274,7 +274,12 @@ address = "127.0.0.1:{port}"
 address = "127.0.0.1:{admin_port}"
 {admin_extra}
 "#,
-        dir = dir.display()
+        dir = dir.display(),
+        grace = if server_extra.contains("grace_period") {
+            ""
+        } else {
+            "grace_period = \"0s\""
+        }
     )
 }
 
@@ -292,6 +297,16 @@ impl Edge {
 
     /// Like [`Edge::start`], with extra keys in `[server]` and in `[admin]`.
     pub async fn start_with(server_extra: &str, admin_extra: &str, body: &str) -> Edge {
+        Self::start_full(server_extra, admin_extra, body, &[]).await
+    }
+
+    /// The most general start: extra config keys and environment variables.
+    pub async fn start_full(
+        server_extra: &str,
+        admin_extra: &str,
+        body: &str,
+        env: &[(&str, &str)],
+    ) -> Edge {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let admin_port = free_port();
@@ -303,6 +318,7 @@ impl Edge {
             .args(["run", "-c"])
             .arg(&config_path)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .spawn()
