@@ -92,28 +92,6 @@ async fn a_slow_client_does_not_keep_the_origin_busy() {
 }
 
 #[tokio::test]
-async fn without_response_buffering_a_slow_client_holds_the_origin() {
-    let origin = Origin::start("a").await;
-    let edge = Edge::start(&format!(
-        "{}\n[routes.buffering]\nresponse = false\n",
-        single_pool(&origin, "")
-    ))
-    .await;
-    let (finished, read, answer) = read_slowly(
-        &edge,
-        &origin,
-        &format!("/bytes/{BODY}"),
-        Duration::from_secs(2),
-    )
-    .await;
-    assert!(
-        !finished,
-        "the origin finished while the client had read {read} bytes"
-    );
-    assert_eq!(body_of(&answer), compressible(BODY).as_slice());
-}
-
-#[tokio::test]
 async fn x_accel_buffering_no_streams_the_response_and_is_not_forwarded() {
     let origin = Origin::start("a").await;
     let edge = Edge::start(&single_pool(&origin, "")).await;

@@ -215,3 +215,70 @@ async fn sigusr2_upgrades_in_place_and_the_new_process_tells_systemd_it_is_main(
         nix::sys::signal::Signal::SIGINT,
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_on_the_old_process_keeps_working_until_the_grace_period_ends() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let origin = Origin::start("a").await;
+    let mut edge = Edge::start_with("grace_period = \"2s\"", "", &single_pool(&origin, "")).await;
+    let old_pid = edge.pid() as i32;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/ws", edge.port))
+        .await
+        .unwrap();
+    let log = std::fs::File::create(edge.dir.path().join("new.log")).unwrap();
+    let mut new = tokio::process::Command::new(env!("CARGO_BIN_EXE_wingman-edge"))
+        .args(["run", "--upgrade", "-c"])
+        .arg(&edge.config_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old_pid),
+        nix::sys::signal::Signal::SIGQUIT,
+    )
+    .unwrap();
+    let edge_ref = &edge;
+    wait_until(Duration::from_secs(20), "new pid", || async move {
+        pid_in(edge_ref).is_some_and(|p| p != old_pid)
+    })
+    .await;
+    // the socket lives on the old process and still echoes after the hand-over
+    ws.send(Message::text("still here")).await.unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .unwrap();
+    assert!(
+        matches!(&echoed, Some(Ok(Message::Text(t))) if t.as_str() == "still here"),
+        "{echoed:?}"
+    );
+    // and is closed when the old process finishes draining (bounded)
+    let started = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the old process kept the WebSocket past its drain"
+    );
+    assert!(edge.wait_exit(Duration::from_secs(30)).await.is_some());
+    assert!(started.elapsed() < Duration::from_secs(30));
+    // new WebSockets go to the new process
+    let (mut ws2, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/ws", edge.port))
+        .await
+        .unwrap();
+    ws2.send(Message::text("new")).await.unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(10), ws2.next())
+        .await
+        .unwrap();
+    assert!(matches!(&echoed, Some(Ok(Message::Text(t))) if t.as_str() == "new"));
+    let _ = new.start_kill();
+}
