@@ -326,10 +326,9 @@ fn alert_unit_tests_use_only_registered_metrics() {
 }
 
 /// Runs Prometheus's own rule checker and the unit tests of the rules. Needs
-/// `promtool` on the PATH (Debian: `apt-get install prometheus`); run with
-/// `cargo test --test ops_assets -- --ignored`.
+/// `promtool` on the PATH (Debian: `apt-get install prometheus`; `.ci/setup`
+/// installs it).
 #[test]
-#[ignore = "needs promtool (apt-get install prometheus)"]
 fn promtool_accepts_the_rules_and_their_unit_tests_pass() {
     let conf = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("conf");
     for args in [

@@ -13,6 +13,27 @@ fn edge_cmd() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_wingman-edge"))
 }
 
+/// What `wingman-edge upgrade` does: starts the new binary with --upgrade (it waits
+/// for the sockets), then SIGQUITs the old process (it hands them over and drains).
+/// The new process is killed when the returned handle drops.
+fn hand_over(edge: &Edge, old_pid: i32) -> tokio::process::Child {
+    let log = std::fs::File::create(edge.dir.path().join("new.log")).unwrap();
+    let new = tokio::process::Command::new(env!("CARGO_BIN_EXE_wingman-edge"))
+        .args(["run", "--upgrade", "-c"])
+        .arg(&edge.config_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old_pid),
+        nix::sys::signal::Signal::SIGQUIT,
+    )
+    .unwrap();
+    new
+}
+
 fn pid_in(edge: &Edge) -> Option<i32> {
     std::fs::read_to_string(edge.dir.path().join("edge.pid"))
         .ok()?
@@ -59,22 +80,7 @@ async fn a_binary_upgrade_under_load_fails_no_request_without_keepalive() {
     })
     .await;
 
-    // what `wingman-edge upgrade` does: start the new binary with --upgrade (it waits
-    // for the sockets), then SIGQUIT the old one (it hands them over and drains)
-    let log = std::fs::File::create(edge.dir.path().join("new.log")).unwrap();
-    let mut new = tokio::process::Command::new(env!("CARGO_BIN_EXE_wingman-edge"))
-        .args(["run", "--upgrade", "-c"])
-        .arg(&edge.config_path)
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(old_pid),
-        nix::sys::signal::Signal::SIGQUIT,
-    )
-    .unwrap();
+    let mut new = hand_over(&edge, old_pid);
 
     // the new process owns the pid file once it has the sockets; the old one exits
     let edge_ref = &edge;
@@ -226,20 +232,7 @@ async fn a_websocket_on_the_old_process_keeps_working_until_the_grace_period_end
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/ws", edge.port))
         .await
         .unwrap();
-    let log = std::fs::File::create(edge.dir.path().join("new.log")).unwrap();
-    let mut new = tokio::process::Command::new(env!("CARGO_BIN_EXE_wingman-edge"))
-        .args(["run", "--upgrade", "-c"])
-        .arg(&edge.config_path)
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(old_pid),
-        nix::sys::signal::Signal::SIGQUIT,
-    )
-    .unwrap();
+    let mut new = hand_over(&edge, old_pid);
     let edge_ref = &edge;
     wait_until(Duration::from_secs(20), "new pid", || async move {
         pid_in(edge_ref).is_some_and(|p| p != old_pid)

@@ -192,8 +192,7 @@ impl Edge {
         if req.method.is_safe() || !(200..400).contains(&status) {
             return;
         }
-        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        let scheme = if tls { "https" } else { "http" };
+        let scheme = scheme(session);
         let host = headers::request_host(req).unwrap_or("").to_owned();
         let mut keys = vec![policy::primary_key(scheme, &host, req, policy)];
         if let Some(resp) = session.response_written() {
@@ -648,10 +647,9 @@ impl ProxyHttp for Edge {
             .route
             .and_then(|i| ctx.snap.routes[i].cache.as_ref())
             .ok_or_else(|| edge_error(500, "cache enabled without a cache policy"))?;
-        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         let req = session.req_header();
         let host = headers::request_host(req).unwrap_or("");
-        let key = policy::primary_key(if tls { "https" } else { "http" }, host, req, policy);
+        let key = policy::primary_key(scheme(session), host, req, policy);
         ctx.cache_key = Some(key.clone());
         Ok(CacheKey::new(key, ""))
     }
@@ -814,7 +812,7 @@ impl ProxyHttp for Edge {
         upstream: &mut pingora::http::RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        let tls = scheme(session) == "https";
         let host = headers::request_host(session.req_header()).map(str::to_owned);
         headers::add_forwarding(
             upstream,
@@ -910,7 +908,7 @@ impl ProxyHttp for Edge {
         };
         headers::apply_response_edits(resp, &r.response_headers);
         if let Some(hsts) = &r.hsts {
-            if session.digest().is_some_and(|d| d.ssl_digest.is_some()) {
+            if scheme(session) == "https" {
                 let _ = resp.insert_header(http::header::STRICT_TRANSPORT_SECURITY, hsts.clone());
             }
         }
@@ -1093,6 +1091,15 @@ impl ProxyHttp for Edge {
     fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, e: &Error) -> bool {
         // the edge's own answers (404, 503, ...) are expected, not errors
         ctx.edge_status.is_some() && matches!(e.etype(), ErrorType::HTTPStatus(_))
+    }
+}
+
+/// `https` when the client came over TLS, else `http`.
+fn scheme(session: &Session) -> &'static str {
+    if session.digest().is_some_and(|d| d.ssl_digest.is_some()) {
+        "https"
+    } else {
+        "http"
     }
 }
 
