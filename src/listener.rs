@@ -136,7 +136,7 @@ impl ServerApp for EdgeApp {
                 session.set_keepalive(None);
             }
             session.set_pipelined_prefix(head);
-            let reused = self.proxy.process_new_http(session, shutdown).await?;
+            let reused = self.proxy.serve_http(session, shutdown).await?;
             let (s, persistent) = reused.consume();
             stream = s;
             settings = persistent;

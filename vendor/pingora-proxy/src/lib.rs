@@ -1550,14 +1550,18 @@ impl SubrequestSpawner {
     }
 }
 
-#[async_trait]
-impl<SV, C> HttpServerApp for HttpProxy<SV, C>
+// Patched: see PATCHED.md (serve_http).
+impl<SV, C> HttpProxy<SV, C>
 where
     SV: ProxyHttp + Send + Sync + 'static,
     <SV as ProxyHttp>::CTX: Send + Sync,
     C: custom::Connector,
 {
-    async fn process_new_http(
+    /// Patched (see PATCHED.md): [`HttpServerApp::process_new_http`] as an inherent
+    /// `async fn`. The trait method returns a boxed future (async_trait) as large as the
+    /// whole request state machine, allocated and copied for every request; a caller
+    /// that awaits this method keeps that state inside its own future instead.
+    pub async fn serve_http(
         self: &Arc<Self>,
         mut session: HttpSession,
         shutdown: &ShutdownWatch,
@@ -1593,6 +1597,23 @@ where
         }
 
         self.process_request(session, ctx).await
+    }
+
+}
+
+#[async_trait]
+impl<SV, C> HttpServerApp for HttpProxy<SV, C>
+where
+    SV: ProxyHttp + Send + Sync + 'static,
+    <SV as ProxyHttp>::CTX: Send + Sync,
+    C: custom::Connector,
+{
+    async fn process_new_http(
+        self: &Arc<Self>,
+        session: HttpSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        self.serve_http(session, shutdown).await
     }
 
     async fn http_cleanup(&self) {
