@@ -99,9 +99,19 @@ pub fn request_host(req: &RequestHeader) -> Option<&str> {
 }
 
 static XFF: HeaderName = HeaderName::from_static(X_FORWARDED_FOR);
-static XFP: HeaderName = HeaderName::from_static(X_FORWARDED_PROTO);
 static XFH: HeaderName = HeaderName::from_static(X_FORWARDED_HOST);
-static XRID: HeaderName = HeaderName::from_static(X_REQUEST_ID);
+
+/// Field names as written on the wire. pingora keeps each added field's name twice
+/// (the lookup key and the case it is sent in); given as static bytes, the second
+/// copy is not allocated per request.
+pub const XFF_WIRE: &[u8] = b"X-Forwarded-For";
+pub const XFP_WIRE: &[u8] = b"X-Forwarded-Proto";
+pub const XFH_WIRE: &[u8] = b"X-Forwarded-Host";
+pub const XRID_WIRE: &[u8] = b"X-Request-Id";
+
+fn wire(name: &'static [u8]) -> bytes::Bytes {
+    bytes::Bytes::from_static(name)
+}
 
 /// Adds X-Forwarded-For (appended), -Proto and -Host, and the request id.
 pub fn add_forwarding(
@@ -121,46 +131,58 @@ pub fn add_forwarding(
             }
         }
         let _ = write!(value, "{ip}");
-        let _ = req.insert_header(XFF.clone(), value);
+        let _ = req.insert_header(wire(XFF_WIRE), value);
     }
     let proto = HeaderValue::from_static(if tls { "https" } else { "http" });
-    let _ = req.insert_header(XFP.clone(), proto);
+    let _ = req.insert_header(wire(XFP_WIRE), proto);
     if let Some(h) = host {
         if !req.headers.contains_key(&XFH) {
-            let _ = req.insert_header(XFH.clone(), h);
+            let _ = req.insert_header(wire(XFH_WIRE), h);
         }
     }
-    let _ = req.insert_header(XRID.clone(), request_id);
+    let _ = req.insert_header(wire(XRID_WIRE), request_id);
 }
 
-/// Hop-by-hop fields of RFC 9110 §7.6.1 plus the legacy ones every proxy drops.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authenticate",
-    "proxy-authorization",
-];
+/// Hop-by-hop fields of RFC 9110 §7.6.1 plus the legacy ones every proxy drops
+/// (Transfer-Encoding aside: pingora owns response framing).
+fn is_hop_by_hop_response_field(name: &HeaderName) -> bool {
+    static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::UPGRADE
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || *name == KEEP_ALIVE
+        || *name == PROXY_CONNECTION
+}
 
 /// Removes hop-by-hop fields and the fields `Connection` names from a response
 /// (pingora re-adds its own framing and keep-alive fields). A 101 keeps its Upgrade
 /// and Connection, which the tunnel needs.
+///
+/// One pass over the names present finds what to drop, and only those are removed:
+/// a removal from pingora's two header maps costs two hash lookups, and most
+/// responses carry none of these fields or only `Connection: keep-alive`.
 pub fn strip_hop_by_hop_response(resp: &mut ResponseHeader) {
     if resp.status.as_u16() == 101 {
         return;
     }
-    let named = connection_listed(&resp.headers);
-    for h in named {
-        resp.remove_header(&h);
+    let mut doomed: Vec<HeaderName> = resp
+        .headers
+        .keys()
+        .filter(|name| is_hop_by_hop_response_field(name))
+        .cloned()
+        .collect();
+    if doomed.is_empty() {
+        return;
     }
-    for h in HOP_BY_HOP {
-        if *h != "transfer-encoding" {
-            resp.remove_header(*h);
-        }
+    if doomed.contains(&header::CONNECTION) {
+        doomed.extend(connection_listed(&resp.headers));
+    }
+    for name in &doomed {
+        resp.remove_header(name);
     }
 }
 

@@ -901,7 +901,10 @@ impl ProxyHttp for Edge {
             ctx.upgraded = true;
             self.metrics.websockets_active.inc();
         }
-        let _ = resp.insert_header(headers::X_REQUEST_ID, ctx.request_id.clone());
+        let _ = resp.insert_header(
+            bytes::Bytes::from_static(headers::XRID_WIRE),
+            ctx.request_id.clone(),
+        );
         let snap = ctx.snap.clone();
         let Some(r) = ctx.route.map(|i| &snap.routes[i]) else {
             return Ok(());
