@@ -10,10 +10,9 @@
 #   --duration S       seconds per measured wrk run (run.sh default 10)
 #   --warmup S         seconds of unmeasured wrk before each measured run (run.sh default 2)
 #   --runs N           rounds; tables show the median over rounds (run.sh default 3)
-#   --scenarios LIST   comma list (default: every scenario the edge supports today:
-#                      small-c64,small-c256,small-c1000,json50k-c64,slow-c256,
-#                      json50k-gzip-c64; the cache scenario waits for the edge cache)
-#   --proxies LIST     default direct,nginx,nginx-gzip,haproxy,custom (custom = wingman-edge)
+#   --scenarios LIST   comma list (default: small-c64,small-c256,small-c1000,
+#                      json50k-c64,slow-c256,json50k-gzip-c64,cacheable-c64)
+#   --proxies LIST     default direct,nginx,nginx-gzip,nginx-cache,haproxy,custom (custom = wingman-edge)
 #   --no-pin | --pin   run.sh pinning mode (default pinned: proxy on CPU 0, load on CPU 1)
 #   --port N           port for the edge (default 6188)
 #   --out DIR          results directory (default ${BENCH_OUT:-/tmp/wingman-bench}/<time>-w<N>-<mode>)
@@ -75,7 +74,6 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # ------------------------------------------------------------ scenarios and options
-# The edge has no compression or cache yet: json50k-gzip-c64 and cacheable-c64 are left out.
 if [ -z "$scenarios" ]; then
     if [ "$quick" = 1 ]; then
         scenarios="small-c64,json50k-c64,slow-c256"

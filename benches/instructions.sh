@@ -136,3 +136,5 @@ for r in "${results[@]}"; do
     [ -n "$base" ] && ratio=$(awk -v a="$ir" -v b="$base" 'BEGIN {printf "%.2f", a / b}')
     printf '| %s | %s | %s | %s |\n' "$name" "$n" "$ir" "$ratio"
 done
+echo
+echo "callgrind files: $run/cg.*"
