@@ -14,10 +14,11 @@ use wingman_app::Options;
 async fn shutdown_drains_running_jobs_and_closes_sockets() {
     let db = TestDb::new(Backend::Sqlite).await;
     let mut settings = test_settings(&db.url);
-    settings.llm.token_delay = Duration::from_millis(40); // the reply takes ~1 s to stream
-                                                          // Poll the queue all the time, so that shutdown almost always lands while a fetch
-                                                          // is in flight: apalis 1.0 stops polling it (holding SQLite's write lock) while the
-                                                          // running reply waits for that lock (see vendor/apalis-core/PATCHED.md).
+    // the reply takes ~1 s to stream
+    settings.llm.token_delay = Duration::from_millis(40);
+    // Poll the queue all the time, so that shutdown almost always lands while a fetch
+    // is in flight: apalis 1.0 stopped polling it (holding SQLite's write lock) while
+    // the running reply waited for that lock (see vendor/apalis-core/PATCHED.md).
     settings.jobs.poll_interval = Duration::from_millis(1);
     let app = TestApp::start(settings.clone(), Options::default()).await;
     let (token, _) = app.register("drain").await;

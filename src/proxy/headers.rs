@@ -324,6 +324,26 @@ mod tests {
     }
 
     #[test]
+    fn response_without_hop_by_hop_fields_is_untouched_and_legacy_ones_go() {
+        let mut plain = ResponseHeader::build(200, None).unwrap();
+        plain.append_header("content-type", "text/plain").unwrap();
+        plain.append_header("x-kept", "1").unwrap();
+        strip_hop_by_hop_response(&mut plain);
+        assert_eq!(plain.headers.len(), 2);
+
+        let mut legacy = ResponseHeader::build(200, None).unwrap();
+        legacy
+            .append_header("Proxy-Connection", "keep-alive")
+            .unwrap();
+        legacy.append_header("upgrade", "h2c").unwrap();
+        legacy.append_header("trailer", "x-sum").unwrap();
+        legacy.append_header("x-kept", "1").unwrap();
+        strip_hop_by_hop_response(&mut legacy);
+        assert_eq!(legacy.headers.len(), 1);
+        assert_eq!(legacy.headers["x-kept"], "1");
+    }
+
+    #[test]
     fn hash_keys_come_from_ip_header_or_cookie() {
         let r = req(&[("x-user", "u1"), ("cookie", "a=1; sid=xyz")]);
         let ip = Some([10, 1, 2, 3].into());
