@@ -260,6 +260,36 @@ async fn a_hundred_concurrent_misses_make_one_origin_request() {
 }
 
 #[tokio::test]
+async fn a_fetch_slower_than_the_lock_timeout_is_still_stored_for_later_requests() {
+    let origin = Origin::start("a").await;
+    let edge = std::sync::Arc::new(Edge::start(&cached(&origin, "lock_timeout = \"300ms\"")).await);
+    let path = "/fixed?cc=max-age%3D60&delay=1000";
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let edge = edge.clone();
+        tasks.push(tokio::spawn(async move {
+            let resp = get(&edge, path, &[]).await;
+            (resp.status(), resp.bytes().await.unwrap().len())
+        }));
+    }
+    for t in tasks {
+        let (status, len) = t.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(len, 4096);
+    }
+    // the waiters gave up on the lock and went to the origin themselves; the object
+    // is in the cache all the same, and what follows are hits
+    let fetched = origin.requests();
+    assert!((1..=8).contains(&fetched), "{fetched} origin requests");
+    for _ in 0..3 {
+        let r = get(&edge, path, &[]).await;
+        assert!(status_of(&r).contains("hit"), "{}", status_of(&r));
+        r.bytes().await.unwrap();
+    }
+    assert_eq!(origin.requests(), fetched);
+}
+
+#[tokio::test]
 async fn stale_while_revalidate_serves_stale_then_refreshes_once() {
     let origin = Origin::start("a").await;
     let edge = Edge::start(&cached(&origin, "")).await;
