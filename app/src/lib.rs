@@ -80,7 +80,7 @@ pub async fn serve_with(
         .clone()
         .unwrap_or_else(|| hex::encode(rand::random::<[u8; 4]>()));
     let metrics = telemetry::metrics_handle();
-    let store = store::open(&settings.database).await?;
+    let store::Opened { store, sqlite_writer } = store::open(&settings.database).await?;
 
     let redis = if settings.redis.enabled() {
         let url = settings.redis.url.clone();
@@ -126,6 +126,7 @@ pub async fn serve_with(
     let worker_stop = CancellationToken::new();
     let (queues, workers) = jobs::start(
         &settings.database,
+        sqlite_writer,
         &settings.jobs,
         job_ctx,
         &instance,

@@ -244,8 +244,14 @@ macro_rules! spawn_worker {
 
 /// Opens the queues in the app database, and starts this instance's workers
 /// (they stop taking jobs when `stop` is cancelled and finish the running ones).
+///
+/// On SQLite the queues use `sqlite_writer`, the store's single writer connection, when
+/// given: SQLite has one writer at a time anyway, and two connections that both write
+/// (the store's and the queue's) meet in SQLite's busy handler, which sleeps in steps
+/// of up to 100 ms instead of queueing; message posts waited there under load.
 pub async fn start(
     db: &DatabaseSettings,
+    sqlite_writer: Option<sqlx::SqlitePool>,
     settings: &JobSettings,
     ctx: Arc<JobContext>,
     instance: &str,
@@ -255,7 +261,13 @@ pub async fn start(
     let heavy_queue = format!("{}heavy", settings.queue_prefix);
     let mut handles = Vec::new();
     let queues = if db.url.starts_with("sqlite:") {
-        let pool = sqlite_pool(db).await?;
+        let pool = match sqlite_writer {
+            Some(writer) => {
+                migrate_queue(&writer).await?;
+                writer
+            }
+            None => sqlite_pool(db).await?,
+        };
         let (ai_pool, heavy_pool) = (pool.clone(), pool);
         let (wake_ai, ai_hook) = futures::channel::mpsc::unbounded::<()>();
         let (wake_heavy, heavy_hook) = futures::channel::mpsc::unbounded::<()>();
@@ -382,11 +394,11 @@ pub async fn start(
     Ok((queues, Workers { handles }))
 }
 
-/// The job queue's own pool on the app's SQLite file, with the app's connection options
-/// (WAL, `synchronous=NORMAL`, `busy_timeout`). It must not share the store's single
-/// writer connection: apalis holds its connection while it waits for running jobs at
-/// shutdown, and those jobs need the writer to store their replies (a deadlock found by
-/// `tests/shutdown.rs`).
+/// A pool of the job queue's own on the app's SQLite file, with the app's connection
+/// options (WAL, `synchronous=NORMAL`, `busy_timeout`), for a caller that has no store
+/// writer to share. (A separate pool used to be required: apalis kept a fetch's
+/// transaction open while a stopping worker waited for its running jobs, and those
+/// jobs needed the writer to store their replies; vendor/apalis-core fixes that.)
 async fn sqlite_pool(db: &DatabaseSettings) -> Result<sqlx::SqlitePool, JobError> {
     let pool = sqlx::sqlite::SqlitePoolOptions::new()
         .max_connections(2)
@@ -394,17 +406,23 @@ async fn sqlite_pool(db: &DatabaseSettings) -> Result<sqlx::SqlitePool, JobError
         .connect_with(crate::store::sqlite::connect_options(db)?)
         .await
         .map_err(|e| JobError::Open(e.to_string()))?;
+    migrate_queue(&pool).await?;
+    Ok(pool)
+}
+
+/// apalis-sqlite's own tables, in the app's file.
+async fn migrate_queue(pool: &sqlx::SqlitePool) -> Result<(), JobError> {
     let mut migrator = SqliteStorage::<()>::migrations();
     migrator.set_ignore_missing(true);
     let _guard = crate::store::sqlite::migrate_lock().lock().await;
-    if let Err(first) = migrator.run(&pool).await {
+    if let Err(first) = migrator.run(pool).await {
         tracing::warn!(error = %first, "apalis migration failed, retrying once");
         migrator
-            .run(&pool)
+            .run(pool)
             .await
             .map_err(|e| JobError::Open(format!("apalis migrations: {e}")))?;
     }
-    Ok(pool)
+    Ok(())
 }
 
 /// Maps a handler failure to an apalis error (so the retry layer sees it).

@@ -583,11 +583,26 @@ macro_rules! impl_store {
 }
 pub(crate) use impl_store;
 
+/// An open store, and on SQLite the one connection all writes to the file go through
+/// (the job queue shares it: see [`crate::jobs::start`]).
+pub struct Opened {
+    pub store: std::sync::Arc<dyn Store>,
+    pub sqlite_writer: Option<sqlx::SqlitePool>,
+}
+
 /// Opens the store named by `settings.url` and runs its migrations.
-pub async fn open(settings: &crate::config::DatabaseSettings) -> StoreResult<std::sync::Arc<dyn Store>> {
+pub async fn open(settings: &crate::config::DatabaseSettings) -> StoreResult<Opened> {
     if settings.url.starts_with("sqlite:") {
-        Ok(std::sync::Arc::new(sqlite::SqliteStore::open(settings).await?))
+        let store = sqlite::SqliteStore::open(settings).await?;
+        let writer = store.writer().clone();
+        Ok(Opened {
+            store: std::sync::Arc::new(store),
+            sqlite_writer: Some(writer),
+        })
     } else {
-        Ok(std::sync::Arc::new(postgres::PgStore::open(settings).await?))
+        Ok(Opened {
+            store: std::sync::Arc::new(postgres::PgStore::open(settings).await?),
+            sqlite_writer: None,
+        })
     }
 }
