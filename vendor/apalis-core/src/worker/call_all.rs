@@ -170,10 +170,10 @@ where
                     // `poll_close` drops that fetch (its transaction rolls back and the
                     // tasks stay queued for other workers), re-enqueues buffered tasks
                     // and flushes acks; it runs again below once the queue is empty.
-                    if let Poll::Ready(Err(e)) =
-                        this.backend.as_mut().get_mut().poll_close(cx, this.worker)
-                    {
-                        return Poll::Ready(Some(Err(CallAllError::PollError(e))));
+                    // Only for a stop: a backend that failed (eof) is left as it was.
+                    // An error here is reported by that last call, not twice.
+                    if this.worker.is_shutting_down() {
+                        let _ = this.backend.as_mut().get_mut().poll_close(cx, this.worker);
                     }
                     return Poll::Pending;
                 }
