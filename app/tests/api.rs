@@ -449,14 +449,7 @@ async fn websocket_streams_ai_reply_and_persists_it(backend: Backend) {
     assert_eq!(final_msg["role"], "assistant");
     assert_eq!(final_msg["content"].as_str().expect("content"), streamed);
 
-    let (_, v) = app
-        .call(
-            "GET",
-            &format!("/api/conversations/{conv}/messages"),
-            Some(&token),
-            None,
-        )
-        .await;
+    let (_, v) = app.list_messages(&token, conv).await;
     let msgs = v["messages"].as_array().expect("array");
     assert_eq!(msgs.len(), 2, "{v}");
     assert_eq!(msgs[0]["id"], user_msg);

@@ -66,14 +66,7 @@ async fn a_reply_interrupted_by_a_locked_database_is_recovered_and_stored_once()
         }],
     });
     assert_eq!(final_msg["content"].as_str(), Some(want.as_str()));
-    let (_, v) = app
-        .call(
-            "GET",
-            &format!("/api/conversations/{conv}/messages"),
-            Some(&token),
-            None,
-        )
-        .await;
+    let (_, v) = app.list_messages(&token, conv).await;
     let replies = v["messages"]
         .as_array()
         .expect("array")

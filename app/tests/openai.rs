@@ -228,14 +228,7 @@ async fn the_app_streams_an_openai_reply_over_websocket_and_persists_it() {
         fake.bodies.lock().expect("lock")[1]["messages"][0]["content"],
         "tell me something"
     );
-    let (_, v) = app
-        .call(
-            "GET",
-            &format!("/api/conversations/{conv}/messages"),
-            Some(&token),
-            None,
-        )
-        .await;
+    let (_, v) = app.list_messages(&token, conv).await;
     assert_eq!(v["messages"][1]["content"], "Hello world");
     app.stop().await;
 }

@@ -256,14 +256,7 @@ async fn redis_down_fails_readyz_but_keeps_serving_from_the_database() {
     assert_eq!(v["database"], "ok");
     // the cache degrades to the database; writes are still acknowledged and stored
     let posted = app.post_message(&token, conv, "while redis is down").await;
-    let (s, v) = app
-        .call(
-            "GET",
-            &format!("/api/conversations/{conv}/messages"),
-            Some(&token),
-            None,
-        )
-        .await;
+    let (s, v) = app.list_messages(&token, conv).await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["messages"][0]["id"], posted["message"]["id"]);
 

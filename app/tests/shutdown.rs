@@ -49,14 +49,7 @@ async fn shutdown_drains_running_jobs_and_closes_sockets() {
 
     // a new instance on the same file finds the complete reply
     let app = TestApp::start(settings, Options::default()).await;
-    let (_, v) = app
-        .call(
-            "GET",
-            &format!("/api/conversations/{conv}/messages"),
-            Some(&token),
-            None,
-        )
-        .await;
+    let (_, v) = app.list_messages(&token, conv).await;
     let msgs = v["messages"].as_array().expect("array");
     assert_eq!(msgs.len(), 2, "the running reply was not drained: {v}");
     assert_eq!(msgs[1]["reply_to"], id);

@@ -463,17 +463,9 @@ macro_rules! impl_store {
             let Some(message) = inserted else {
                 return Ok(None);
             };
-            sqlx::query::<$db>(
-                "UPDATE conversations SET message_count = message_count + 1, \
-                 last_message_id = CASE WHEN last_message_id IS NULL OR last_message_id < $1 THEN $1 ELSE last_message_id END, \
-                 updated_at = CASE WHEN updated_at < $2 THEN $2 ELSE updated_at END WHERE id = $3",
-            )
-            .bind(message.id)
-            .bind(now)
-            .bind(conversation_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| StoreError::from_sqlx(op, e))?;
+            Self::count_new_message(&mut *tx, conversation_id, message.id, now)
+                .await
+                .map_err(|e| StoreError::from_sqlx(op, e))?;
             tx.commit().await.map_err(|e| StoreError::from_sqlx(op, e))?;
             Ok(Some(message))
         }
@@ -500,17 +492,9 @@ macro_rules! impl_store {
             .fetch_one(&mut *tx)
             .await
             .map_err(|e| StoreError::from_sqlx(op, e))?;
-            sqlx::query::<$db>(
-                "UPDATE conversations SET message_count = message_count + 1, \
-                 last_message_id = CASE WHEN last_message_id IS NULL OR last_message_id < $1 THEN $1 ELSE last_message_id END, \
-                 updated_at = CASE WHEN updated_at < $2 THEN $2 ELSE updated_at END WHERE id = $3",
-            )
-            .bind(message.id)
-            .bind(now)
-            .bind(conversation_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| StoreError::from_sqlx(op, e))?;
+            Self::count_new_message(&mut *tx, conversation_id, message.id, now)
+                .await
+                .map_err(|e| StoreError::from_sqlx(op, e))?;
             $push_job(&mut *tx, queue, job(message.id)).await?;
             tx.commit().await.map_err(|e| StoreError::from_sqlx(op, e))?;
             Ok(message)
@@ -578,6 +562,29 @@ macro_rules! impl_store {
             self.pool.close().await;
             self.writer.close().await;
         }
+        }
+
+        impl $store {
+            /// Counts a message just inserted into its conversation (inside the caller's
+            /// transaction): one more message, the newest id, the latest activity time.
+            async fn count_new_message(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                conversation_id: i64,
+                message_id: i64,
+                now: i64,
+            ) -> Result<(), sqlx::Error> {
+                sqlx::query::<$db>(
+                    "UPDATE conversations SET message_count = message_count + 1, \
+                     last_message_id = CASE WHEN last_message_id IS NULL OR last_message_id < $1 THEN $1 ELSE last_message_id END, \
+                     updated_at = CASE WHEN updated_at < $2 THEN $2 ELSE updated_at END WHERE id = $3",
+                )
+                .bind(message_id)
+                .bind(now)
+                .bind(conversation_id)
+                .execute(conn)
+                .await
+                .map(|_| ())
+            }
         }
     };
 }

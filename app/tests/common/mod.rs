@@ -236,6 +236,12 @@ impl TestApp {
         v["conversation"]["id"].as_i64().expect("id")
     }
 
+    /// The first page of a conversation's messages: (status, body).
+    pub async fn list_messages(&self, token: &str, conv: i64) -> (u16, Value) {
+        self.call("GET", &format!("/api/conversations/{conv}/messages"), Some(token), None)
+            .await
+    }
+
     pub async fn post_message(&self, token: &str, conv: i64, content: &str) -> Value {
         let (status, v) = self
             .call(
