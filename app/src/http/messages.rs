@@ -104,7 +104,13 @@ async fn post_message(
     };
     let message = state
         .store
-        .insert_message_with_job(conv.id, "user", &body.content, state.queues.ai_queue(), &encode)
+        .insert_message_with_job(
+            conv.id,
+            "user",
+            &body.content,
+            state.queues.ai_queue(),
+            Box::new(encode),
+        )
         .await?;
     state.queues.wake_ai();
     invalidate(

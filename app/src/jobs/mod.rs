@@ -487,7 +487,7 @@ async fn ai_reply(ctx: &JobContext, job: &AiJob) -> Result<(), JobError> {
         reply_to: job.message_id,
         error,
     };
-    let mut stream = match ctx.model.stream(request).await {
+    let stream = match ctx.model.stream(request).await {
         Ok(s) => s,
         Err(e) => {
             // the provider already retried before the first token; give up on this reply
@@ -498,41 +498,58 @@ async fn ai_reply(ctx: &JobContext, job: &AiJob) -> Result<(), JobError> {
     };
     let mut text = String::new();
     let mut seq = 0u32;
-    while let Some(item) = stream.next().await {
-        match item {
-            Ok(delta) => {
-                if seq == 0 {
-                    metrics::histogram!("llm_time_to_first_token_seconds", "provider" => provider, "model" => model.clone())
-                        .record(started.elapsed().as_secs_f64());
+    let mut tokens = 0u64;
+    // Tokens that have already arrived go out as one event: a provider that sends a burst
+    // (or the offline model without delay) costs one frame per burst, not one per token;
+    // tokens that arrive apart still stream one by one.
+    let mut stream = stream.ready_chunks(64);
+    while let Some(items) = stream.next().await {
+        let mut delta = String::new();
+        let mut failure = None;
+        for item in items {
+            match item {
+                Ok(d) => {
+                    tokens += 1;
+                    delta.push_str(&d);
                 }
-                text.push_str(&delta);
-                publish(
-                    ctx,
-                    job.user_id,
-                    Event::Token {
-                        conversation_id: job.conversation_id,
-                        reply_to: job.message_id,
-                        seq,
-                        delta,
-                    },
-                )
-                .await;
-                seq += 1;
-            }
-            Err(e) => {
-                metrics::counter!("llm_errors_total", "provider" => provider).increment(1);
-                publish(ctx, job.user_id, fail(e.to_string())).await;
-                if text.is_empty() {
-                    return Ok(());
+                Err(e) => {
+                    failure = Some(e);
+                    break;
                 }
-                text.push_str(" [reply interrupted]");
-                break;
             }
+        }
+        if !delta.is_empty() {
+            if seq == 0 {
+                metrics::histogram!("llm_time_to_first_token_seconds", "provider" => provider, "model" => model.clone())
+                    .record(started.elapsed().as_secs_f64());
+            }
+            text.push_str(&delta);
+            publish(
+                ctx,
+                job.user_id,
+                Event::Token {
+                    conversation_id: job.conversation_id,
+                    reply_to: job.message_id,
+                    seq,
+                    delta,
+                },
+            )
+            .await;
+            seq += 1;
+        }
+        if let Some(e) = failure {
+            metrics::counter!("llm_errors_total", "provider" => provider).increment(1);
+            publish(ctx, job.user_id, fail(e.to_string())).await;
+            if text.is_empty() {
+                return Ok(());
+            }
+            text.push_str(" [reply interrupted]");
+            break;
         }
     }
     metrics::histogram!("llm_request_duration_seconds", "provider" => provider, "model" => model)
         .record(started.elapsed().as_secs_f64());
-    metrics::counter!("llm_tokens_total", "provider" => provider).increment(u64::from(seq));
+    metrics::counter!("llm_tokens_total", "provider" => provider).increment(tokens);
     match ctx
         .store
         .insert_message(job.conversation_id, "assistant", &text, Some(job.message_id))

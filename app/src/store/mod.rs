@@ -8,8 +8,9 @@
 //!
 //! Query shapes (each has an index, see `migrations/`):
 //! - the conversation list is ONE query: the message count and the last message id are
-//!   kept on the conversation row in the same transaction as every message insert, and the
-//!   preview comes from a join on `last_message_id`;
+//!   kept on the conversation row by a trigger on every message insert (so in the same
+//!   statement), and the preview comes from a join on `last_message_id`;
+//! - message inserts are group-committed: see [`batch`];
 //! - message pages are keyset-paginated on `(conversation_id, id)`;
 //! - imports insert all messages with one multi-row `INSERT`.
 
@@ -18,8 +19,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use serde::Serialize;
 
+pub mod batch;
 pub mod postgres;
 pub mod sqlite;
+
+use batch::{JobSpec, NewMessageOp};
 
 /// What went wrong in the database layer.
 #[derive(Debug, thiserror::Error)]
@@ -229,7 +233,7 @@ pub trait Store: Send + Sync + 'static {
         role: &str,
         content: &str,
         queue: &str,
-        job: &(dyn Fn(i64) -> Vec<u8> + Send + Sync),
+        job: Box<dyn Fn(i64) -> Vec<u8> + Send + Sync>,
     ) -> StoreResult<Message>;
     async fn message(&self, id: i64) -> StoreResult<Option<Message>>;
     /// The reply to a user message, if one was persisted.
@@ -345,14 +349,7 @@ macro_rules! impl_store {
                 });
                 qb.build().execute(&mut *tx).await.map_err(|e| StoreError::from_sqlx(op, e))?;
             }
-            sqlx::query::<$db>(
-                "UPDATE conversations SET message_count = (SELECT count(*) FROM messages WHERE conversation_id = $1), \
-                 last_message_id = (SELECT max(id) FROM messages WHERE conversation_id = $1) WHERE id = $1",
-            )
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| StoreError::from_sqlx(op, e))?;
+            // (the trigger counted them into the conversation)
             tx.commit().await.map_err(|e| StoreError::from_sqlx(op, e))?;
             self.conversation(user_id, id)
                 .await?
@@ -400,74 +397,28 @@ macro_rules! impl_store {
         }
 
         async fn list_conversations(&self, user_id: i64, limit: u32) -> StoreResult<Vec<Conversation>> {
-            const SQL: &str = concat!(
-                "SELECT c.id, c.user_id, c.title, c.message_count, c.last_message_id, \
-                 m.role AS last_message_role, substr(m.content, 1, 120) AS last_message_preview, \
-                 c.created_at, c.updated_at \
-                 FROM conversations c LEFT JOIN messages m ON m.id = c.last_message_id",
-                " WHERE c.user_id = $1 ORDER BY c.updated_at DESC, c.id DESC LIMIT $2"
-            );
-            sqlx::query_as::<$db, Conversation>(SQL)
-                .bind(user_id)
-                .bind(i64::from(limit))
-                .fetch_all(&self.pool)
+            self.read_conversations(user_id, limit)
                 .await
                 .map_err(|e| StoreError::from_sqlx("list_conversations", e))
         }
 
         async fn list_messages(&self, conversation_id: i64, page: Page) -> StoreResult<Vec<Message>> {
-            let res = match page {
-                Page::After { after, limit } => sqlx::query_as::<$db, Message>(
-                    "SELECT id, conversation_id, role, content, reply_to, created_at FROM messages \
-                     WHERE conversation_id = $1 AND id > $2 ORDER BY id ASC LIMIT $3",
-                )
-                .bind(conversation_id)
-                .bind(after)
-                .bind(i64::from(limit))
-                .fetch_all(&self.pool)
-                .await,
-                Page::Before { before, limit } => sqlx::query_as::<$db, Message>(
-                    "SELECT id, conversation_id, role, content, reply_to, created_at FROM messages \
-                     WHERE conversation_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3",
-                )
-                .bind(conversation_id)
-                .bind(before)
-                .bind(i64::from(limit))
-                .fetch_all(&self.pool)
+            self.read_messages(conversation_id, page)
                 .await
-                .map(|mut v| {
-                    v.reverse();
-                    v
-                }),
-            };
-            res.map_err(|e| StoreError::from_sqlx("list_messages", e))
+                .map_err(|e| StoreError::from_sqlx("list_messages", e))
         }
 
         async fn insert_message(&self, conversation_id: i64, role: &str, content: &str, reply_to: Option<i64>) -> StoreResult<Option<Message>> {
-            let op = "insert_message";
-            let now = now_ms();
-            let mut tx = self.writer.begin().await.map_err(|e| StoreError::from_sqlx(op, e))?;
-            let inserted = sqlx::query_as::<$db, Message>(
-                "INSERT INTO messages (conversation_id, role, content, reply_to, created_at) VALUES ($1, $2, $3, $4, $5) \
-                 ON CONFLICT (reply_to) WHERE reply_to IS NOT NULL DO NOTHING \
-                 RETURNING id, conversation_id, role, content, reply_to, created_at",
-            )
-            .bind(conversation_id)
-            .bind(role)
-            .bind(content)
-            .bind(reply_to)
-            .bind(now)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(|e| StoreError::from_sqlx(op, e))?;
-            let Some(message) = inserted else {
-                return Ok(None);
-            };
-            Self::count_new_message(&mut *tx, conversation_id, message.id, now)
+            self.messages
+                .write(NewMessageOp {
+                    conversation_id,
+                    role: role.to_owned(),
+                    content: content.to_owned(),
+                    reply_to,
+                    created_at: now_ms(),
+                    job: None,
+                })
                 .await
-                .map_err(|e| StoreError::from_sqlx(op, e))?;
-            tx.commit().await.map_err(|e| StoreError::from_sqlx(op, e))?;
-            Ok(Some(message))
         }
 
         async fn insert_message_with_job(
@@ -476,28 +427,25 @@ macro_rules! impl_store {
             role: &str,
             content: &str,
             queue: &str,
-            job: &(dyn Fn(i64) -> Vec<u8> + Send + Sync),
+            job: Box<dyn Fn(i64) -> Vec<u8> + Send + Sync>,
         ) -> StoreResult<Message> {
-            let op = "insert_message_with_job";
-            let now = now_ms();
-            let mut tx = self.writer.begin().await.map_err(|e| StoreError::from_sqlx(op, e))?;
-            let message = sqlx::query_as::<$db, Message>(
-                "INSERT INTO messages (conversation_id, role, content, created_at) VALUES ($1, $2, $3, $4) \
-                 RETURNING id, conversation_id, role, content, reply_to, created_at",
-            )
-            .bind(conversation_id)
-            .bind(role)
-            .bind(content)
-            .bind(now)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| StoreError::from_sqlx(op, e))?;
-            Self::count_new_message(&mut *tx, conversation_id, message.id, now)
-                .await
-                .map_err(|e| StoreError::from_sqlx(op, e))?;
-            $push_job(&mut *tx, queue, job(message.id)).await?;
-            tx.commit().await.map_err(|e| StoreError::from_sqlx(op, e))?;
-            Ok(message)
+            self.messages
+                .write(NewMessageOp {
+                    conversation_id,
+                    role: role.to_owned(),
+                    content: content.to_owned(),
+                    reply_to: None,
+                    created_at: now_ms(),
+                    job: Some(JobSpec {
+                        queue: queue.to_owned(),
+                        encode: job,
+                    }),
+                })
+                .await?
+                .ok_or(StoreError::Database {
+                    op: "insert_message_with_job",
+                    source: sqlx::Error::RowNotFound,
+                })
         }
 
         async fn message(&self, id: i64) -> StoreResult<Option<Message>> {
@@ -564,26 +512,48 @@ macro_rules! impl_store {
         }
         }
 
-        impl $store {
-            /// Counts a message just inserted into its conversation (inside the caller's
-            /// transaction): one more message, the newest id, the latest activity time.
-            async fn count_new_message(
-                conn: &mut <$db as sqlx::Database>::Connection,
-                conversation_id: i64,
-                message_id: i64,
-                now: i64,
-            ) -> Result<(), sqlx::Error> {
-                sqlx::query::<$db>(
-                    "UPDATE conversations SET message_count = message_count + 1, \
-                     last_message_id = CASE WHEN last_message_id IS NULL OR last_message_id < $1 THEN $1 ELSE last_message_id END, \
-                     updated_at = CASE WHEN updated_at < $2 THEN $2 ELSE updated_at END WHERE id = $3",
-                )
-                .bind(message_id)
-                .bind(now)
-                .bind(conversation_id)
-                .execute(conn)
-                .await
-                .map(|_| ())
+        #[async_trait]
+        impl batch::WriteMessages for batch::PoolWriter<$db> {
+            async fn write_batch(&self, ops: &[&NewMessageOp]) -> StoreResult<Vec<Option<Message>>> {
+                let op = "insert_message";
+                let mut tx = self.0.begin().await.map_err(|e| StoreError::from_sqlx(op, e))?;
+                let mut qb = sqlx::QueryBuilder::<$db>::new(
+                    "INSERT INTO messages (conversation_id, role, content, reply_to, created_at) ",
+                );
+                qb.push_values(ops, |mut row, m| {
+                    row.push_bind(m.conversation_id)
+                        .push_bind(m.role.as_str())
+                        .push_bind(m.content.as_str())
+                        .push_bind(m.reply_to)
+                        .push_bind(m.created_at);
+                });
+                qb.push(
+                    " ON CONFLICT (reply_to) WHERE reply_to IS NOT NULL DO NOTHING \
+                     RETURNING id, conversation_id, role, content, reply_to, created_at",
+                );
+                // one prepared statement per batch size would crowd the statement cache
+                let rows = qb
+                    .build_query_as::<Message>()
+                    .persistent(ops.len() == 1)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx(op, e))?;
+                let stored = batch::match_rows(ops, rows);
+                let mut jobs: Vec<(&str, Vec<u8>)> = Vec::new();
+                for (o, message) in ops.iter().zip(&stored) {
+                    if let (Some(job), Some(message)) = (&o.job, message) {
+                        jobs.push((job.queue.as_str(), (job.encode)(message.id)));
+                    }
+                }
+                // one push per queue (all posts use the `ai` queue)
+                while let Some((queue, _)) = jobs.first() {
+                    let queue = *queue;
+                    let (same, rest): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|(q, _)| *q == queue);
+                    jobs = rest;
+                    $push_job(&mut *tx, queue, same.into_iter().map(|(_, p)| p).collect()).await?;
+                }
+                tx.commit().await.map_err(|e| StoreError::from_sqlx(op, e))?;
+                Ok(stored)
             }
         }
     };

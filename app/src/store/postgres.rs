@@ -16,6 +16,8 @@ pub struct PgStore {
     pool: PgPool,
     /// The same pool (PostgreSQL handles concurrent writers itself).
     writer: PgPool,
+    /// Message inserts, group-committed (one commit per batch).
+    messages: batch::MessageWriter,
 }
 
 impl PgStore {
@@ -52,6 +54,7 @@ impl PgStore {
         migrator.run(&pool).await?;
         Ok(Self {
             writer: pool.clone(),
+            messages: batch::MessageWriter::spawn(batch::PoolWriter(pool.clone())),
             pool,
         })
     }
@@ -69,12 +72,62 @@ impl PgStore {
     }
 }
 
-/// Writes one job into apalis-postgres' table inside the caller's transaction.
-async fn push_job(conn: &mut sqlx::PgConnection, queue: &str, payload: Vec<u8>) -> StoreResult<()> {
-    let task = apalis::prelude::TaskBuilder::new(payload).build();
-    apalis_postgres::queries::push_tasks(conn, queue, vec![task])
+impl PgStore {
+    /// The user's conversations, newest activity first: one row each.
+    async fn read_conversations(&self, user_id: i64, limit: u32) -> Result<Vec<Conversation>, sqlx::Error> {
+        sqlx::query_as::<_, Conversation>(
+            "SELECT c.id, c.user_id, c.title, c.message_count, c.last_message_id, \
+             m.role AS last_message_role, substr(m.content, 1, 120) AS last_message_preview, \
+             c.created_at, c.updated_at \
+             FROM conversations c LEFT JOIN messages m ON m.id = c.last_message_id \
+             WHERE c.user_id = $1 ORDER BY c.updated_at DESC, c.id DESC LIMIT $2",
+        )
+        .bind(user_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// A page of a conversation's messages, ascending: one row each.
+    async fn read_messages(&self, conversation_id: i64, page: Page) -> Result<Vec<Message>, sqlx::Error> {
+        match page {
+            Page::After { after, limit } => {
+                sqlx::query_as::<_, Message>(
+                    "SELECT id, conversation_id, role, content, reply_to, created_at FROM messages \
+                     WHERE conversation_id = $1 AND id > $2 ORDER BY id ASC LIMIT $3",
+                )
+                .bind(conversation_id)
+                .bind(after)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+            }
+            Page::Before { before, limit } => {
+                let mut newest_first = sqlx::query_as::<_, Message>(
+                    "SELECT id, conversation_id, role, content, reply_to, created_at FROM messages \
+                     WHERE conversation_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3",
+                )
+                .bind(conversation_id)
+                .bind(before)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                newest_first.reverse();
+                Ok(newest_first)
+            }
+        }
+    }
+}
+
+/// Writes jobs into apalis-postgres' table inside the caller's transaction.
+async fn push_jobs(conn: &mut sqlx::PgConnection, queue: &str, payloads: Vec<Vec<u8>>) -> StoreResult<()> {
+    let tasks: Vec<_> = payloads
+        .into_iter()
+        .map(|p| apalis::prelude::TaskBuilder::new(p).build())
+        .collect();
+    apalis_postgres::queries::push_tasks(conn, queue, tasks)
         .await
         .map_err(|e| StoreError::Enqueue(e.to_string()))
 }
 
-impl_store!(PgStore, sqlx::Postgres, "postgres", push_job);
+impl_store!(PgStore, sqlx::Postgres, "postgres", push_jobs);
