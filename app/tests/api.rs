@@ -296,6 +296,16 @@ async fn conversations_crud_and_list_preview(backend: Backend) {
         .call("GET", &format!("/api/conversations/{a}/messages"), Some(&token), None)
         .await;
     assert_eq!(s, 404);
+    // (its owner was cached by the posts above: the delete dropped that too)
+    let (s, v) = app
+        .call(
+            "POST",
+            &format!("/api/conversations/{a}/messages"),
+            Some(&token),
+            Some(json!({"content": "too late"})),
+        )
+        .await;
+    assert_eq!(s, 404, "{v}");
     let (_, v) = app.call("GET", "/api/conversations", Some(&token), None).await;
     let ids: Vec<i64> = v["conversations"]
         .as_array()

@@ -33,6 +33,28 @@ async fn fan_out(a: &TestApp, b: &TestApp) {
     let (_, v) = b.call("GET", "/api/conversations", Some(&token), None).await;
     assert_eq!(v["conversations"][0]["message_count"], 2, "stale list on B: {v}");
     assert_eq!(v["conversations"][0]["last_message_role"], "assistant");
+
+    // A deletes the conversation B has just served (B cached its owner): B answers 404
+    // once the deletion reached it (at once through Redis, through the bus in-process).
+    let messages = format!("/api/conversations/{conv}/messages");
+    let (s, _) = b.call("GET", &messages, Some(&token), None).await;
+    assert_eq!(s, 200);
+    let (s, _) = a
+        .call("DELETE", &format!("/api/conversations/{conv}"), Some(&token), None)
+        .await;
+    assert_eq!(s, 204);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let (s, v) = b.call("GET", &messages, Some(&token), None).await;
+        if s == 404 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "B still serves a deleted conversation: {s} {v}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -90,6 +90,12 @@ pub fn conversation_key(id: i64) -> String {
     format!("conv:{id}")
 }
 
+/// Who owns a conversation: never changes, so only a delete drops it (unlike the
+/// conversation's own entry, which every new message invalidates).
+pub fn owner_key(id: i64) -> String {
+    format!("owner:{id}")
+}
+
 impl QueryCache {
     pub fn moka(max_entries: u64, ttl: Duration) -> Self {
         Self::with(Backend::Moka(
@@ -213,6 +219,13 @@ impl QueryCache {
         if let Some(conv) = conv {
             self.invalidate(&[conversations_key(env.user_id), conversation_key(conv)])
                 .await;
+        }
+        if let Event::ConversationChanged {
+            conversation_id,
+            deleted: true,
+        } = &env.event
+        {
+            self.invalidate(&[owner_key(*conversation_id)]).await;
         }
     }
 }

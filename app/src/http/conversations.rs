@@ -14,7 +14,7 @@ use super::error::ApiError;
 use super::extract::{parse_id, ApiJson, ApiQuery, AuthUser};
 use super::{private, AppState};
 use crate::bus::{Envelope, Event};
-use crate::cache::{conversation_key, conversations_key};
+use crate::cache::{conversation_key, conversations_key, owner_key};
 use crate::jobs::ExportJob;
 use crate::store::{Conversation, NewMessage};
 
@@ -80,6 +80,26 @@ pub async fn owned(state: &AppState, user_id: i64, id: i64) -> Result<Conversati
     let conv = state.store.conversation(user_id, id).await?.ok_or(ApiError::NotFound)?;
     state.cache.put(&key, &conv).await;
     Ok(conv)
+}
+
+/// Checks that conversation `id` belongs to `user_id` (404 otherwise, as for a missing
+/// one) without reading the conversation when its owner is cached: every new message
+/// invalidates the cached conversation, but not its owner.
+pub async fn owns(state: &AppState, user_id: i64, id: i64) -> Result<(), ApiError> {
+    let key = owner_key(id);
+    let owner = match state.cache.get::<i64>(&key).await {
+        Some(owner) => owner,
+        None => {
+            let conv = owned(state, user_id, id).await?;
+            state.cache.put(&key, &conv.user_id).await;
+            conv.user_id
+        }
+    };
+    if owner == user_id {
+        Ok(())
+    } else {
+        Err(ApiError::NotFound)
+    }
 }
 
 /// Drops cached results a write to conversation `id` of `user_id` made stale, and tells
@@ -229,6 +249,7 @@ async fn remove(
     if !state.store.delete_conversation(user.id, id).await? {
         return Err(ApiError::NotFound);
     }
+    state.cache.invalidate(&[owner_key(id)]).await;
     invalidate(
         &state,
         user.id,

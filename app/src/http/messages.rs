@@ -10,7 +10,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::conversations::{invalidate, owned};
+use super::conversations::{invalidate, owns};
 use super::error::ApiError;
 use super::extract::{parse_id, ApiJson, ApiQuery, AuthUser};
 use super::{private, AppState};
@@ -42,7 +42,8 @@ async fn list(
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let conv = owned(&state, user.id, parse_id("id", &id)?).await?;
+    let conversation_id = parse_id("id", &id)?;
+    owns(&state, user.id, conversation_id).await?;
     let max = state.settings.limits.max_page;
     let limit = q.limit.unwrap_or(state.settings.limits.default_page);
     if limit == 0 || limit > max {
@@ -60,7 +61,7 @@ async fn list(
             limit: limit + 1,
         },
     };
-    let mut messages = state.store.list_messages(conv.id, page).await?;
+    let mut messages = state.store.list_messages(conversation_id, page).await?;
     let has_more = messages.len() > limit as usize;
     if has_more {
         match page {
@@ -92,9 +93,9 @@ async fn post_message(
     if body.content.trim().is_empty() {
         return Err(ApiError::invalid("content", "must not be empty"));
     }
-    let conv = owned(&state, user.id, id).await?;
+    owns(&state, user.id, id).await?;
     // The message and its `ai` job are committed together: a 201 means both are durable.
-    let (user_id, conversation_id) = (user.id, conv.id);
+    let (user_id, conversation_id) = (user.id, id);
     let encode = move |message_id: i64| {
         Queues::encode_ai(&AiJob {
             user_id,
@@ -104,19 +105,21 @@ async fn post_message(
     };
     let message = state
         .store
-        .insert_message_with_job(
-            conv.id,
-            "user",
-            &body.content,
-            state.queues.ai_queue(),
-            Box::new(encode),
-        )
-        .await?;
+        .insert_message_with_job(id, "user", &body.content, state.queues.ai_queue(), Box::new(encode))
+        .await
+        // deleted since its owner was checked
+        .map_err(|e| {
+            if e.is_missing_parent() {
+                ApiError::NotFound
+            } else {
+                e.into()
+            }
+        })?;
     state.queues.wake_ai();
     invalidate(
         &state,
         user.id,
-        conv.id,
+        id,
         Some(Event::Message {
             message: message.clone(),
         }),

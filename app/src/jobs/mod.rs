@@ -454,20 +454,14 @@ async fn publish(ctx: &JobContext, user_id: i64, event: Event) {
 
 /// Streams the reply to the bus token by token and persists it when complete.
 async fn ai_reply(ctx: &JobContext, job: &AiJob) -> Result<(), JobError> {
-    if ctx.store.reply_to(job.message_id).await?.is_some() {
+    let context = ctx
+        .store
+        .reply_context(job.conversation_id, job.message_id, ctx.llm.history_messages.max(1))
+        .await?;
+    if context.replied {
         return Ok(()); // a previous attempt finished
     }
-    let history_len = ctx.llm.history_messages.max(1);
-    let history = ctx
-        .store
-        .list_messages(
-            job.conversation_id,
-            Page::Before {
-                before: job.message_id + 1,
-                limit: history_len,
-            },
-        )
-        .await?;
+    let history = context.history;
     if !history.iter().any(|m| m.id == job.message_id) {
         return Ok(()); // the conversation or message was deleted
     }
@@ -563,10 +557,7 @@ async fn ai_reply(ctx: &JobContext, job: &AiJob) -> Result<(), JobError> {
             Ok(())
         }
         Ok(None) => Ok(()), // another attempt stored it
-        Err(StoreError::Database {
-            source: sqlx::Error::Database(d),
-            ..
-        }) if d.is_foreign_key_violation() => Ok(()),
+        Err(e) if e.is_missing_parent() => Ok(()),
         Err(e) => Err(e.into()),
     }
 }
@@ -603,10 +594,7 @@ async fn export(ctx: &JobContext, job: &ExportJob) -> Result<(), JobError> {
         .map_err(|e| JobError::Export(e.to_string()))?;
     let export = match ctx.store.save_export(job.conversation_id, &body).await {
         Ok(e) => e,
-        Err(StoreError::Database {
-            source: sqlx::Error::Database(d),
-            ..
-        }) if d.is_foreign_key_violation() => return Ok(()),
+        Err(e) if e.is_missing_parent() => return Ok(()),
         Err(e) => return Err(e.into()),
     };
     publish(

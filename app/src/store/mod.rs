@@ -78,6 +78,11 @@ impl StoreError {
         }
     }
 
+    /// A foreign key failed: the row it refers to (a conversation, say) is gone.
+    pub fn is_missing_parent(&self) -> bool {
+        matches!(self, StoreError::Database { source: sqlx::Error::Database(d), .. } if d.is_foreign_key_violation())
+    }
+
     pub fn is_unavailable(&self) -> bool {
         matches!(self, StoreError::Unavailable { .. } | StoreError::Enqueue(_))
     }
@@ -169,6 +174,15 @@ pub enum Page {
     Before { before: i64, limit: u32 },
 }
 
+/// What an AI job reads before it asks the model (see [`Store::reply_context`]).
+#[derive(Debug, Clone, Default)]
+pub struct ReplyContext {
+    /// The user message already has a stored reply (an earlier attempt finished).
+    pub replied: bool,
+    /// The conversation's newest messages up to and including the user message, ascending.
+    pub history: Vec<Message>,
+}
+
 /// Connection pool gauges.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PoolStats {
@@ -238,6 +252,15 @@ pub trait Store: Send + Sync + 'static {
     async fn message(&self, id: i64) -> StoreResult<Option<Message>>;
     /// The reply to a user message, if one was persisted.
     async fn reply_to(&self, user_message_id: i64) -> StoreResult<Option<Message>>;
+    /// Whether `user_message_id` has a reply yet, and the `history` newest messages of
+    /// its conversation up to it: what an AI job needs, in one read where the database
+    /// allows.
+    async fn reply_context(
+        &self,
+        conversation_id: i64,
+        user_message_id: i64,
+        history: u32,
+    ) -> StoreResult<ReplyContext>;
 
     async fn save_export(&self, conversation_id: i64, body: &str) -> StoreResult<Export>;
     async fn latest_export(&self, conversation_id: i64) -> StoreResult<Option<Export>>;
@@ -466,6 +489,12 @@ macro_rules! impl_store {
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| StoreError::from_sqlx("reply_to", e))
+        }
+
+        async fn reply_context(&self, conversation_id: i64, user_message_id: i64, history: u32) -> StoreResult<ReplyContext> {
+            self.read_reply_context(conversation_id, user_message_id, history)
+                .await
+                .map_err(|e| StoreError::from_sqlx("reply_context", e))
         }
 
         async fn save_export(&self, conversation_id: i64, body: &str) -> StoreResult<Export> {

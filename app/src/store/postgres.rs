@@ -88,6 +88,35 @@ impl PgStore {
         .await
     }
 
+    /// Two reads: the reply check, then the history.
+    async fn read_reply_context(
+        &self,
+        conversation_id: i64,
+        user_message_id: i64,
+        history: u32,
+    ) -> Result<ReplyContext, sqlx::Error> {
+        let (replied,): (bool,) = sqlx::query_as("SELECT EXISTS (SELECT 1 FROM messages WHERE reply_to = $1)")
+            .bind(user_message_id)
+            .fetch_one(&self.pool)
+            .await?;
+        if replied {
+            return Ok(ReplyContext {
+                replied,
+                history: Vec::new(),
+            });
+        }
+        let history = self
+            .read_messages(
+                conversation_id,
+                Page::Before {
+                    before: user_message_id + 1,
+                    limit: history,
+                },
+            )
+            .await?;
+        Ok(ReplyContext { replied, history })
+    }
+
     /// A page of a conversation's messages, ascending: one row each.
     async fn read_messages(&self, conversation_id: i64, page: Page) -> Result<Vec<Message>, sqlx::Error> {
         match page {

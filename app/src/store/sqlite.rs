@@ -130,6 +130,33 @@ impl SqliteStore {
         decode_json(&json)
     }
 
+    /// The reply check and the history in one statement.
+    async fn read_reply_context(
+        &self,
+        conversation_id: i64,
+        user_message_id: i64,
+        history: u32,
+    ) -> Result<ReplyContext, sqlx::Error> {
+        static SQL: OnceLock<String> = OnceLock::new();
+        let sql = SQL.get_or_init(|| {
+            format!(
+                "SELECT EXISTS (SELECT 1 FROM messages WHERE reply_to = $1), \
+                 (SELECT json_group_array({MESSAGE_JSON} ORDER BY id) FROM (SELECT * FROM messages \
+                  WHERE conversation_id = $2 AND id <= $1 ORDER BY id DESC LIMIT $3))"
+            )
+        });
+        let (replied, json): (bool, String) = sqlx::query_as(sql.as_str())
+            .bind(user_message_id)
+            .bind(conversation_id)
+            .bind(i64::from(history))
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(ReplyContext {
+            replied,
+            history: decode_json(&json)?,
+        })
+    }
+
     /// A page of a conversation's messages, ascending, as one JSON row.
     async fn read_messages(&self, conversation_id: i64, page: Page) -> Result<Vec<Message>, sqlx::Error> {
         static AFTER: OnceLock<String> = OnceLock::new();
@@ -166,14 +193,46 @@ impl SqliteStore {
     }
 }
 
-/// Writes jobs into apalis-sqlite's table inside the caller's transaction.
+/// Writes jobs into apalis-sqlite's table inside the caller's transaction, in ONE
+/// multi-row statement. apalis-sqlite 1.0's `push_tasks` writes the same row per task
+/// (its `queries/task/sink.sql`) but one statement each, and every statement is a round
+/// trip to the connection's thread while the single writer is held; a group commit of
+/// a dozen posts spent most of its time there. Every test that waits for an AI reply
+/// runs jobs written here.
 async fn push_jobs(conn: &mut sqlx::SqliteConnection, queue: &str, payloads: Vec<Vec<u8>>) -> StoreResult<()> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
     let tasks: Vec<_> = payloads
         .into_iter()
         .map(|p| apalis::prelude::TaskBuilder::new(p).build())
         .collect();
-    apalis_sqlite::queries::push_tasks(conn, queue, &tasks)
+    let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+        "INSERT INTO Jobs (job, id, job_type, status, attempts, max_attempts, run_at, priority, metadata, idempotency_key) ",
+    );
+    qb.push_values(&tasks, |mut row, task| {
+        let id = task
+            .task_id()
+            .map(|id| id.to_string())
+            .unwrap_or_else(|| ulid::Ulid::generate().to_string());
+        row.push_bind(task.args.as_slice())
+            .push_bind(id)
+            .push_bind(queue)
+            .push_bind("Pending")
+            .push_bind(0i64)
+            .push_bind(task.max_attempts().unwrap_or(25) as i64)
+            .push_bind(task.run_at().map(|t| t as i64).unwrap_or(now))
+            .push_bind(task.priority().unwrap_or_default() as i64)
+            .push_bind(serde_json::to_string(task.metadata()).unwrap_or_default())
+            .push_bind(task.idempotency_key().map(str::to_owned));
+    });
+    qb.push(" ON CONFLICT (job_type, idempotency_key) DO NOTHING");
+    qb.build()
+        .persistent(tasks.len() == 1)
+        .execute(conn)
         .await
+        .map(|_| ())
         .map_err(|e| StoreError::Enqueue(e.to_string()))
 }
 
