@@ -212,8 +212,19 @@ macro_rules! spawn_worker {
         let (concurrency, timeout, retries): (usize, Duration, usize) = ($concurrency, $timeout, $retries);
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(200);
+            let mut generation = 0u32;
             loop {
-                let worker = WorkerBuilder::new(name.clone())
+                // A fresh name per start: apalis re-enqueues the jobs a worker held only
+                // once its name stops heartbeating, so a worker rebuilt under the old
+                // name kept the jobs the dead one had locked forever (the replies of
+                // messages posted just before a database outage never came).
+                let worker_name = if generation == 0 {
+                    name.clone()
+                } else {
+                    format!("{name}-r{generation}")
+                };
+                generation += 1;
+                let worker = WorkerBuilder::new(worker_name.clone())
                     .backend(make_backend())
                     .concurrency(concurrency)
                     .retry(retry_policy(retries))
@@ -229,7 +240,7 @@ macro_rules! spawn_worker {
                     Ok(()) => break,
                     Err(e) => {
                         metrics::counter!("job_worker_restarts_total").increment(1);
-                        tracing::error!(worker = %name, error = %e, "job worker died; restarting");
+                        tracing::error!(worker = %worker_name, error = %e, "job worker died; restarting");
                     }
                 }
                 tokio::select! {
