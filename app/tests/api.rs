@@ -637,6 +637,7 @@ async fn operations_endpoints(backend: Backend) {
         "job_duration_seconds_bucket{queue=\"ai\",outcome=\"ok\"",
         "llm_time_to_first_token_seconds_bucket{provider=\"offline\"",
         "cache_requests_total{",
+        "db_message_batch_size_bucket{le=\"1\"}",
     ] {
         assert!(m.contains(needle), "metrics lack {needle}");
     }
