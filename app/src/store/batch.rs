@@ -12,7 +12,8 @@
 //! that batches of two instances lock conversation rows in the same order.
 //!
 //! A batch that fails is retried insert by insert, so one bad insert (its conversation was
-//! deleted meanwhile, say) fails alone and the others are stored. A caller that gives up
+//! deleted meanwhile, say) fails alone and the others are stored; when the database is
+//! unreachable, every insert of the batch fails at once instead. A caller that gives up
 //! waiting (a request timeout) does not cancel its insert: it may still be stored, as a
 //! commit that raced the timeout could be before.
 
@@ -141,6 +142,19 @@ async fn run<W: WriteMessages>(writer: W, mut rx: mpsc::Receiver<Pending>) {
             Ok(rows) => {
                 for (p, row) in batch.drain(..).zip(rows) {
                     let _ = p.done.send(Ok(row));
+                }
+            }
+            Err(e) if e.is_unavailable() => {
+                // The database is unreachable: one by one, each insert would fail the same
+                // way after its own acquire timeout, holding up every write queued behind.
+                let detail = e.to_string();
+                let mut first = Some(e);
+                for p in batch.drain(..) {
+                    let error = first.take().unwrap_or_else(|| StoreError::Unavailable {
+                        op: "insert_message",
+                        source: sqlx::Error::Protocol(detail.clone()),
+                    });
+                    let _ = p.done.send(Err(error));
                 }
             }
             Err(e) if batch.len() == 1 => {
