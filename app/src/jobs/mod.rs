@@ -124,21 +124,6 @@ impl Queues {
         serde_json::to_vec(job).unwrap_or_default()
     }
 
-    pub async fn enqueue_ai(&self, job: AiJob) -> Result<(), JobError> {
-        match self {
-            Queues::Sqlite { ai, wake_ai, .. } => {
-                ai.clone().push(job).await.map_err(|e| JobError::Open(e.to_string()))?;
-                let _ = wake_ai.unbounded_send(());
-                Ok(())
-            }
-            Queues::Postgres { ai, wake_ai, .. } => {
-                ai.clone().push(job).await.map_err(|e| JobError::Open(e.to_string()))?;
-                let _ = wake_ai.unbounded_send(());
-                Ok(())
-            }
-        }
-    }
-
     pub async fn enqueue_export(&self, job: ExportJob) -> Result<(), JobError> {
         match self {
             Queues::Sqlite { heavy, wake_heavy, .. } => {

@@ -96,14 +96,6 @@ pub struct MessageWriter {
     queue: mpsc::Sender<Pending>,
 }
 
-impl std::fmt::Debug for Pending {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pending")
-            .field("conversation_id", &self.op.conversation_id)
-            .finish_non_exhaustive()
-    }
-}
-
 fn writer_gone(op: &'static str) -> StoreError {
     StoreError::Unavailable {
         op,

@@ -175,7 +175,7 @@ pub enum Page {
 }
 
 /// What an AI job reads before it asks the model (see [`Store::reply_context`]).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ReplyContext {
     /// The user message already has a stored reply (an earlier attempt finished).
     pub replied: bool,
@@ -249,9 +249,6 @@ pub trait Store: Send + Sync + 'static {
         queue: &str,
         job: Box<dyn Fn(i64) -> Vec<u8> + Send + Sync>,
     ) -> StoreResult<Message>;
-    async fn message(&self, id: i64) -> StoreResult<Option<Message>>;
-    /// The reply to a user message, if one was persisted.
-    async fn reply_to(&self, user_message_id: i64) -> StoreResult<Option<Message>>;
     /// Whether `user_message_id` has a reply yet, and the `history` newest messages of
     /// its conversation up to it: what an AI job needs, in one read where the database
     /// allows.
@@ -469,26 +466,6 @@ macro_rules! impl_store {
                     op: "insert_message_with_job",
                     source: sqlx::Error::RowNotFound,
                 })
-        }
-
-        async fn message(&self, id: i64) -> StoreResult<Option<Message>> {
-            sqlx::query_as::<$db, Message>(
-                "SELECT id, conversation_id, role, content, reply_to, created_at FROM messages WHERE id = $1",
-            )
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| StoreError::from_sqlx("message", e))
-        }
-
-        async fn reply_to(&self, user_message_id: i64) -> StoreResult<Option<Message>> {
-            sqlx::query_as::<$db, Message>(
-                "SELECT id, conversation_id, role, content, reply_to, created_at FROM messages WHERE reply_to = $1",
-            )
-            .bind(user_message_id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| StoreError::from_sqlx("reply_to", e))
         }
 
         async fn reply_context(&self, conversation_id: i64, user_message_id: i64, history: u32) -> StoreResult<ReplyContext> {
