@@ -227,11 +227,23 @@ async fn echo_socket(mut socket: WebSocket) {
 }
 
 /// A TCP port that was free a moment ago.
+///
+/// Never the same port twice in one test process: the kernel may hand a just-released
+/// ephemeral port out again, and two listeners of one config then collide (seen in CI:
+/// "listeners[1].address ... is already used by listeners[0].address").
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    for _ in 0..1000 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        if GIVEN.lock().unwrap_or_else(|e| e.into_inner()).insert(port) {
+            return port;
+        }
+    }
+    panic!("no unused ephemeral port in 1000 tries");
 }
 
 /// A running `wingman-edge run` process, killed on drop.
