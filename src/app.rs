@@ -236,6 +236,9 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
         HealthChecker {
             snapshots: reloader.snapshots.clone(),
             metrics: metrics.clone(),
+            connector: Arc::new(pingora::connectors::TransportConnector::new(Some(
+                pingora::connectors::ConnectorOptions::from_server_conf(&server.configuration),
+            ))),
         },
     ));
 

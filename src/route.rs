@@ -52,7 +52,7 @@ impl Router {
                 .find(|(prefix, _)| path.starts_with(prefix.as_str()))
                 .map(|&(_, i)| i)
         };
-        if let Some(host) = host.map(strip_port).map(normalize_host_cow) {
+        if let Some(host) = host.map(canonical_host) {
             let host: &str = &host;
             if let Some(i) = self.exact.get(host).and_then(|v| longest(v)) {
                 return Some(i);
@@ -81,6 +81,12 @@ fn normalize_host_cow(h: &str) -> std::borrow::Cow<'_, str> {
     } else {
         std::borrow::Cow::Borrowed(h)
     }
+}
+
+/// A Host value as routing and the cache key see it: port stripped, trailing dots
+/// removed, lower case (`Chat.Example.com.:8080` -> `chat.example.com`).
+pub fn canonical_host(h: &str) -> std::borrow::Cow<'_, str> {
+    normalize_host_cow(strip_port(h))
 }
 
 /// `example.com:8080` -> `example.com`; `[::1]:80` -> `[::1]`.

@@ -72,6 +72,9 @@ pub struct RouteSnap {
     /// Strict-Transport-Security for TLS responses.
     pub hsts: Option<HeaderValue>,
     pub rate_limit: Option<RouteLimit>,
+    /// `log_query`: Some(true) always, Some(false) never, None all but WebSocket
+    /// handshakes.
+    pub log_query: Option<bool>,
 }
 
 /// A route's rate limit, with its long-lived buckets.
@@ -240,6 +243,7 @@ impl Snapshot {
                 read_timeout: r.timeouts.read.map_or(t.read, |d| d.get()),
                 write_timeout: r.timeouts.write.map_or(t.write, |d| d.get()),
                 websocket_idle_timeout: r.websocket_idle_timeout.get(),
+                log_query: r.log_query,
                 request_headers: edits(&r.request_headers),
                 response_headers: edits(&r.response_headers),
                 compression: compression_policy(&r.compression),

@@ -558,3 +558,129 @@ async fn the_disk_tier_serves_a_stored_response_after_a_restart() {
         .unwrap_or(0.0);
     assert!(objects >= 1.0, "objects {objects}");
 }
+
+/// RFC 9111 §1.2.2: a `max-age`/`s-maxage` (or `Age`) too large to represent is
+/// taken as 2^31 seconds. A value near 2^63 once overflowed the lifetime
+/// arithmetic and panicked the worker; now it is stored and hit like any other.
+#[tokio::test]
+async fn a_max_age_near_2_pow_63_is_clamped_and_cached_without_a_panic() {
+    let origin = Origin::start("a").await;
+    let edge = Edge::start(&cached(&origin, "")).await;
+    for (i, cc) in [
+        "max-age%3D9223372036854775807",
+        "s-maxage%3D99999999999999999999999",
+        "max-age%3D18446744073709551615",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let path = format!("/fixed?cc={cc}&n={i}");
+        let (n, cs) = twice(&edge, &origin, &path, &[]).await;
+        assert_eq!(n, 1, "{cc}: stored once, then hit ({cs})");
+        assert!(cs.contains("hit"), "{cc}: {cs}");
+    }
+    let resp = get(&edge, "/fixed?cc=max-age%3D60", &[]).await;
+    assert_eq!(resp.status(), 200, "the edge still serves");
+}
+
+/// The invalidation after an unsafe method (RFC 9111 §4.4) and an exact purge reach
+/// every stored variant of the URI, also on a route whose key adds headers and
+/// cookies and drops ignored query parameters: both derive from the one key
+/// function.
+#[tokio::test]
+async fn invalidation_and_exact_purge_reach_variants_keyed_by_headers_cookies_and_query() {
+    let origin = Origin::start("a").await;
+    let edge = Edge::start(&cached(
+        &origin,
+        "key_headers = [\"X-Tenant\"]\nkey_cookies = [\"lang\"]\nignore_query_params = [\"utm\"]",
+    ))
+    .await;
+    let path = "/fixed?cc=max-age%3D60";
+    let variants: [&[(&str, &str)]; 3] = [
+        &[("x-tenant", "t1"), ("cookie", "lang=de")],
+        &[("x-tenant", "t2")],
+        &[],
+    ];
+    let fill = || async {
+        for v in variants {
+            get(&edge, &format!("{path}&utm=x"), v)
+                .await
+                .bytes()
+                .await
+                .unwrap();
+        }
+    };
+    let all_hits = || async {
+        let mut hits = 0;
+        for v in variants {
+            let r = get(&edge, path, v).await;
+            hits += usize::from(status_of(&r).contains("hit"));
+            r.bytes().await.unwrap();
+        }
+        hits
+    };
+    fill().await;
+    assert_eq!(all_hits().await, 3, "each variant is stored (utm ignored)");
+
+    // a POST from tenant t1 invalidates every tenant's copy of the URI
+    let post = client()
+        .post(edge.url(&format!("{path}&utm=y")))
+        .header("x-tenant", "t1")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 200);
+    post.bytes().await.unwrap();
+    wait_until(
+        Duration::from_secs(5),
+        "invalidation of all variants",
+        || async {
+            edge.metric("wingman_edge_cache_purges_total{cause=\"invalidation\"}")
+                .await
+                .unwrap_or(0.0)
+                >= 3.0
+        },
+    )
+    .await;
+    assert_eq!(all_hits().await, 0, "no variant survives the POST");
+
+    // an exact purge by URL (with an ignored parameter) does the same
+    fill().await;
+    assert_eq!(all_hits().await, 3);
+    let url = format!("http://127.0.0.1:{}{path}&utm=z", edge.port);
+    let q = url
+        .replace('%', "%25")
+        .replace('&', "%26")
+        .replace('?', "%3F");
+    let resp = client()
+        .post(edge.admin_url(&format!("/cache/purge?url={q}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "{\"purged\":3}");
+    assert_eq!(all_hits().await, 0, "no variant survives the purge");
+}
+
+/// The cache key's host is normalized as routing normalizes it: case, port and a
+/// trailing dot name the same stored response.
+#[tokio::test]
+async fn host_case_port_and_trailing_dot_share_one_cache_entry() {
+    let origin = Origin::start("a").await;
+    let edge = Edge::start(&cached(&origin, "")).await;
+    let path = "/fixed?cc=max-age%3D60";
+    let first = get(&edge, path, &[("host", "chat.example")]).await;
+    first.bytes().await.unwrap();
+    for host in [
+        "CHAT.example",
+        "chat.example:8080",
+        "chat.example.",
+        "Chat.Example.:80",
+    ] {
+        let r = get(&edge, path, &[("host", host)]).await;
+        assert!(status_of(&r).contains("hit"), "{host}: {}", status_of(&r));
+        r.bytes().await.unwrap();
+    }
+    assert_eq!(origin.requests(), 1);
+}

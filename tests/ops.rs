@@ -202,3 +202,73 @@ async fn access_log_lines_parse_in_both_formats_and_the_file_is_reopened_after_r
         "{line}"
     );
 }
+
+/// Secrets stay out of the access log: a WebSocket handshake's query (where tokens
+/// travel) is not logged by default, a route can drop every query with
+/// `log_query = false`, and Authorization and Cookie values never appear.
+#[tokio::test]
+async fn access_log_keeps_websocket_query_tokens_and_credentials_out() {
+    let origin = Origin::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("access.log");
+    let body = format!(
+        r#"
+[access_log]
+path = "{}"
+format = "json"
+
+[[upstreams]]
+name = "app"
+servers = [{{ address = "{}" }}]
+
+[[routes]]
+name = "quiet"
+path_prefix = "/quiet"
+upstream = "app"
+log_query = false
+
+[[routes]]
+name = "all"
+upstream = "app"
+"#,
+        log_path.display(),
+        origin.addr
+    );
+    let edge = Edge::start(&body).await;
+    let handshake = "GET /ws?token=s3cret-ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    let mut s = tokio::net::TcpStream::connect(edge.addr()).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(handshake.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 12];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 101");
+    drop(s);
+    let client = common::fresh_client();
+    for path in ["/plain?page=2", "/quiet/x?key=s3cret-q"] {
+        client
+            .get(edge.url(path))
+            .header("authorization", "Bearer s3cret-auth")
+            .header("cookie", "sid=s3cret-cookie")
+            .send()
+            .await
+            .unwrap();
+    }
+    let p = &log_path;
+    wait_until(Duration::from_secs(10), "three lines", || async move {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            == 3
+    })
+    .await;
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert!(!text.contains("s3cret"), "{text}");
+    let uris: Vec<String> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["uri"].to_string())
+        .collect();
+    assert!(uris.contains(&"\"/ws\"".to_owned()), "{uris:?}");
+    assert!(uris.contains(&"\"/plain?page=2\"".to_owned()), "{uris:?}");
+    assert!(uris.contains(&"\"/quiet/x\"".to_owned()), "{uris:?}");
+}

@@ -370,19 +370,25 @@ async fn mtls_listener_requires_a_client_certificate_from_its_ca() {
     assert_eq!(cn, "a");
 }
 
+/// A "TLS origin": an edge terminating TLS for `origin.test` (a certificate of `ca`)
+/// in front of the plain `origin`. Returns it with its port.
+async fn tls_origin(ca: &Ca, origin: &Origin) -> (Edge, u16) {
+    let leaf = ca.leaf("origin", &["origin.test"], "origin");
+    let tls_port = free_port();
+    let edge = Edge::start(&format!(
+        "{}\n{}",
+        tls_listener(tls_port, &[leaf], ""),
+        pool(origin, "")
+    ))
+    .await;
+    (edge, tls_port)
+}
+
 #[tokio::test]
 async fn upstream_tls_is_verified_against_the_configured_ca_and_name() {
     let ca = Ca::new();
-    let leaf = ca.leaf("origin", &["origin.test"], "origin");
     let origin = Origin::start("o").await;
-    // the "TLS origin" is an edge terminating TLS in front of the plain origin
-    let tls_port = free_port();
-    let _tls_origin = Edge::start(&format!(
-        "{}\n{}",
-        tls_listener(tls_port, &[leaf], ""),
-        pool(&origin, "")
-    ))
-    .await;
+    let (_tls_origin, tls_port) = tls_origin(&ca, &origin).await;
     let ca_file = ca.ca_file();
     let front = |sni: &str| {
         format!(
@@ -405,4 +411,54 @@ async fn upstream_tls_is_verified_against_the_configured_ca_and_name() {
     .await;
     let resp = reqwest::get(wrong.url("/via-tls")).await.unwrap();
     assert_eq!(resp.status(), 502, "a name mismatch must fail verification");
+}
+
+/// Active health checks of a `tls = true` pool go over TLS, with the pool's SNI and
+/// verification: a TLS origin is probed healthy, and one whose certificate does not
+/// match the pool's name fails its probes (as its traffic would).
+#[tokio::test]
+async fn health_checks_of_a_tls_pool_probe_over_tls_and_verify() {
+    let ca = Ca::new();
+    let origin = Origin::start("o").await;
+    let (_tls_origin, tls_port) = tls_origin(&ca, &origin).await;
+    let ca_file = ca.ca_file();
+    let front = |sni: &str| {
+        format!(
+            "[[upstreams]]\nname = \"secure\"\ntls = true\nsni = \"{sni}\"\nservers = [{{ address = \"127.0.0.1:{tls_port}\" }}]\n[upstreams.health_check]\ninterval = \"100ms\"\ntimeout = \"1s\"\nrise = 1\nfall = 1\n[upstreams.passive]\nconsecutive_failures = 0\n[[routes]]\nname = \"all\"\nupstream = \"secure\"\n"
+        )
+    };
+    let server = format!("127.0.0.1:{tls_port}");
+    let edge = Edge::start_with_server_extra(
+        &format!("upstream_ca_file = \"{}\"", ca_file.display()),
+        &front("origin.test"),
+    )
+    .await;
+    common::wait_until(
+        Duration::from_secs(10),
+        "probes reach the origin through TLS",
+        || async {
+            origin
+                .state
+                .probes
+                .load(std::sync::atomic::Ordering::SeqCst)
+                >= 3
+        },
+    )
+    .await;
+    let st = edge.server_status("secure", &server).await;
+    assert_eq!(st["healthy"], true, "{st}");
+    let resp = reqwest::get(edge.url("/via-tls")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+
+    let wrong = Edge::start_with_server_extra(
+        &format!("upstream_ca_file = \"{}\"", ca_file.display()),
+        &front("wrong.test"),
+    )
+    .await;
+    common::wait_until(
+        Duration::from_secs(10),
+        "the mismatching server is probed down",
+        || async { wrong.server_status("secure", &server).await["healthy"] == false },
+    )
+    .await;
 }

@@ -184,6 +184,7 @@ impl Admin {
     /// `POST /cache/purge?url=http://host/path?query` removes one URL (every variant);
     /// `?prefix=http://host/path-prefix` removes everything under a prefix.
     async fn purge(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let snap = self.snapshots.load_full();
         let req = session.req_header();
         if req.method != http::Method::POST && req.method.as_str() != "PURGE" {
             return reply(405, "text/plain; charset=utf-8", b"use POST\n".to_vec());
@@ -210,7 +211,7 @@ impl Admin {
                 )
             }
         };
-        let Some(key) = url_to_key(&target, exact) else {
+        let Some(key) = url_to_key(&target, exact, &snap) else {
             return reply(
                 400,
                 "text/plain; charset=utf-8",
@@ -218,7 +219,7 @@ impl Admin {
             );
         };
         let removed = if exact {
-            cache.invalidate(&key).await
+            cache.invalidate_resource(&key).await
         } else {
             cache.purge_prefix(&key).await
         };
@@ -234,23 +235,21 @@ impl Admin {
     }
 }
 
-/// `http://host/path?q` -> the cache key of that URL (or of every URL under it).
-fn url_to_key(url: &str, exact: bool) -> Option<String> {
+/// `http://host/path?q` -> the resource key of that URL, built by the proxy's one
+/// key function with the query parameters its route ignores (every variant by key
+/// headers, cookies and Vary goes with it); or the prefix of every URL under it.
+fn url_to_key(url: &str, exact: bool, snap: &Snapshot) -> Option<String> {
     let uri: http::Uri = url.parse().ok()?;
     let scheme = uri.scheme_str().filter(|s| *s == "http" || *s == "https")?;
     let host = uri.authority()?.as_str();
     if exact {
-        let req = pingora::http::RequestHeader::build(
-            "GET",
-            uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes(),
-            None,
-        )
-        .ok()?;
-        Some(format!(
-            "{scheme}\n{}\n{}",
-            host.to_ascii_lowercase(),
-            req.uri
-        ))
+        let pq = uri.path_and_query().map_or("/", |p| p.as_str());
+        let ignore = snap
+            .router
+            .find(Some(host), uri.path())
+            .and_then(|i| snap.routes[i].cache.as_ref())
+            .map_or(&[][..], |p| p.ignore_query.as_slice());
+        Some(crate::cache::policy::resource_key(scheme, host, pq, ignore))
     } else {
         Some(key_prefix(scheme, host, uri.path()))
     }

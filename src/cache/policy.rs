@@ -51,16 +51,29 @@ pub struct CachePolicy {
     pub lock_timeout: Duration,
 }
 
-/// The primary cache key: scheme, host and path with query, plus the route's extra
-/// headers and cookies, each part framed so no two requests can collide by
-/// shifting bytes between parts.
-pub fn primary_key(scheme: &str, host: &str, req: &RequestHeader, policy: &CachePolicy) -> String {
-    let mut key = String::with_capacity(128);
+/// The key of a resource: scheme, host (as routing sees it: no port, no trailing
+/// dot, lower case) and path with query (the route's ignored parameters removed).
+/// Every stored variant of the resource has a primary key that is this, or this
+/// followed by `\n` and the route's key headers and cookies (see [`primary_key`]),
+/// so `CacheStore::invalidate_resource` finds them all.
+pub fn resource_key(scheme: &str, host: &str, path_and_query: &str, ignore: &[String]) -> String {
+    let host = crate::route::canonical_host(host);
+    let pq = strip_ignored(path_and_query, ignore);
+    let mut key = String::with_capacity(scheme.len() + host.len() + pq.len() + 2);
     key.push_str(scheme);
     key.push('\n');
-    key.push_str(&host.to_ascii_lowercase());
+    key.push_str(&host);
     key.push('\n');
-    key.push_str(&path_and_query(req, &policy.ignore_query));
+    key.push_str(&pq);
+    key
+}
+
+/// The primary cache key: the [`resource_key`], plus the route's extra headers and
+/// cookies, each part framed so no two requests can collide by shifting bytes
+/// between parts.
+pub fn primary_key(scheme: &str, host: &str, req: &RequestHeader, policy: &CachePolicy) -> String {
+    let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut key = resource_key(scheme, host, pq, &policy.ignore_query);
     for h in &policy.key_headers {
         key.push('\n');
         key.push_str(h.as_str());
@@ -83,18 +96,18 @@ pub fn primary_key(scheme: &str, host: &str, req: &RequestHeader, policy: &Cache
 
 /// The key prefix of every object under `scheme://host/path_prefix` (for purges).
 pub fn key_prefix(scheme: &str, host: &str, path_prefix: &str) -> String {
-    format!("{scheme}\n{}\n{path_prefix}", host.to_ascii_lowercase())
+    format!(
+        "{scheme}\n{}\n{path_prefix}",
+        crate::route::canonical_host(host)
+    )
 }
 
 /// Path and query with ignored parameters removed (order otherwise kept).
-fn path_and_query(req: &RequestHeader, ignore: &[String]) -> String {
-    let path = req.uri.path();
-    let Some(q) = req.uri.query() else {
-        return path.to_owned();
+fn strip_ignored<'a>(pq: &'a str, ignore: &[String]) -> std::borrow::Cow<'a, str> {
+    let (path, q) = match pq.split_once('?') {
+        Some((path, q)) if !ignore.is_empty() => (path, q),
+        _ => return std::borrow::Cow::Borrowed(pq),
     };
-    if ignore.is_empty() {
-        return format!("{path}?{q}");
-    }
     let kept: Vec<&str> = q
         .split('&')
         .filter(|kv| {
@@ -103,9 +116,9 @@ fn path_and_query(req: &RequestHeader, ignore: &[String]) -> String {
         })
         .collect();
     if kept.is_empty() {
-        path.to_owned()
+        std::borrow::Cow::Borrowed(path)
     } else {
-        format!("{path}?{}", kept.join("&"))
+        std::borrow::Cow::Owned(format!("{path}?{}", kept.join("&")))
     }
 }
 
@@ -177,8 +190,24 @@ fn directives(headers: &HeaderMap) -> Vec<(String, Option<String>)> {
     out
 }
 
+/// The largest delta-seconds a cache needs to represent: RFC 9111 §1.2.2 says a
+/// larger value, or one whose calculations would overflow, counts as 2^31.
+const DELTA_SECONDS_MAX: u64 = 1 << 31;
+
+/// A delta-seconds value (`1*DIGIT`, RFC 9111 §1.2.2), clamped to 2^31 so that no
+/// lifetime or age arithmetic can overflow however large the number sent.
+fn delta_seconds(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(
+        s.parse::<u64>()
+            .map_or(DELTA_SECONDS_MAX, |n| n.min(DELTA_SECONDS_MAX)),
+    )
+}
+
 fn seconds(v: &Option<String>) -> Option<u64> {
-    v.as_deref().and_then(|s| s.parse::<u64>().ok())
+    v.as_deref().and_then(delta_seconds)
 }
 
 fn http_date(headers: &HeaderMap, name: HeaderName) -> Option<SystemTime> {
@@ -279,12 +308,15 @@ pub fn decide(
     if no_cache && !has_validator(&resp.headers) {
         return Decision::NoStore("no-cache-without-validator");
     }
-    let lifetime = policy.max_ttl.map_or(lifetime, |cap| lifetime.min(cap));
+    let lifetime = policy
+        .max_ttl
+        .map_or(lifetime, |cap| lifetime.min(cap))
+        .min(Duration::from_secs(DELTA_SECONDS_MAX));
     let age_header = resp
         .headers
         .get(header::AGE)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
+        .and_then(|v| delta_seconds(v.trim()))
         .map(Duration::from_secs)
         .unwrap_or(Duration::ZERO);
     let apparent = date
@@ -298,7 +330,8 @@ pub fn decide(
             .checked_sub(Duration::from_secs(1))
             .unwrap_or(created)
     } else {
-        created + lifetime
+        // lifetime is at most 2^31 s: no overflow for any clock this side of 2200
+        created.checked_add(lifetime).unwrap_or(created)
     };
     let no_stale = has("must-revalidate") || has("proxy-revalidate") || s_maxage.is_some();
     let (swr, sie) = if no_stale {

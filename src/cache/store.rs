@@ -69,9 +69,12 @@ impl CacheStore {
         })))
     }
 
-    /// Removes the stored responses (every Vary variant) for one primary key.
-    pub async fn invalidate(&'static self, primary: &str) -> usize {
-        self.edge.purge_primary(primary)
+    /// Removes every stored response of one resource (see `policy::resource_key`):
+    /// each Vary variant, and each variant by the route's key headers and cookies,
+    /// whose primary keys are the resource key followed by `\n` and those parts (a
+    /// path never holds a newline, so no other resource matches).
+    pub async fn invalidate_resource(&'static self, resource: &str) -> usize {
+        self.edge.purge_primary(resource) + self.edge.purge_prefix(&format!("{resource}\n"))
     }
 
     /// Removes every stored response whose primary key starts with `prefix`.

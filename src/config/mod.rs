@@ -455,6 +455,9 @@ pub struct Route {
     pub hsts: Option<String>,
     /// Request rate limit (absent: none).
     pub rate_limit: Option<RateLimit>,
+    /// Whether the access log shows the query string (tokens often travel there).
+    /// Absent: shown, except on WebSocket handshakes (`/ws?token=...`).
+    pub log_query: Option<bool>,
 }
 
 /// A token bucket per key, like nginx's `limit_req ... nodelay`: `1 + burst`

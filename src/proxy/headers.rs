@@ -42,12 +42,14 @@ pub enum Invalid {
     BadContentLength,
     /// Request line plus headers above the limit (RFC 6585 §5).
     HeaderTooLarge,
+    /// `chunked` applied more than once (RFC 9112 §6.1: no sender may do that).
+    RepeatedChunked,
 }
 
 impl Invalid {
     pub fn status(self) -> u16 {
         match self {
-            Invalid::MissingHost | Invalid::BadContentLength => 400,
+            Invalid::MissingHost | Invalid::BadContentLength | Invalid::RepeatedChunked => 400,
             Invalid::HeaderTooLarge => 431,
         }
     }
@@ -57,6 +59,7 @@ impl Invalid {
             Invalid::MissingHost => "an HTTP/1.1 request needs a Host header",
             Invalid::BadContentLength => "conflicting or list-valued Content-Length",
             Invalid::HeaderTooLarge => "request header fields too large",
+            Invalid::RepeatedChunked => "Transfer-Encoding lists chunked more than once",
         }
     }
 }
@@ -84,10 +87,68 @@ pub fn check_request(req: &RequestHeader, is_h1: bool, max_head: usize) -> Resul
             return Err(Invalid::BadContentLength);
         }
     }
+    if is_h1 {
+        let chunked = req
+            .headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .filter(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+            .count();
+        if chunked > 1 {
+            return Err(Invalid::RepeatedChunked);
+        }
+    }
     if !is_h1 && head_size(req) > max_head {
         return Err(Invalid::HeaderTooLarge);
     }
     Ok(())
+}
+
+/// Whether a comma-separated field holds `token` (case-insensitive).
+fn lists_token(headers: &HeaderMap, name: header::HeaderName, token: &[u8]) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// A WebSocket opening handshake (RFC 6455 §4.1): an HTTP/1.1 GET with
+/// `Upgrade: websocket` and `Connection: upgrade`. The only upgrade the edge passes
+/// on.
+pub fn is_websocket_upgrade(req: &RequestHeader) -> bool {
+    req.version == http::Version::HTTP_11
+        && req.method == http::Method::GET
+        && lists_token(&req.headers, header::UPGRADE, b"websocket")
+        && lists_token(&req.headers, header::CONNECTION, b"upgrade")
+}
+
+/// Removes `Upgrade` from a request that is not a WebSocket handshake, so it is an
+/// ordinary request everywhere after (pingora takes any HTTP/1.1 request with an
+/// `Upgrade` field for an upgrade: close-delimited body, no body limits). The
+/// `upgrade` token goes from `Connection` with it (it names a field that is gone).
+/// Returns whether anything was removed.
+pub fn drop_non_websocket_upgrade(req: &mut RequestHeader) -> bool {
+    if !req.headers.contains_key(header::UPGRADE) || is_websocket_upgrade(req) {
+        return false;
+    }
+    req.remove_header(&header::UPGRADE);
+    let kept: Vec<String> = req
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("upgrade"))
+        .map(str::to_owned)
+        .collect();
+    req.remove_header(&header::CONNECTION);
+    if !kept.is_empty() {
+        let _ = req.insert_header(header::CONNECTION, kept.join(", "));
+    }
+    true
 }
 
 /// The request's host as sent: Host, else the URI's authority (HTTP/2).
@@ -114,12 +175,18 @@ fn wire(name: &'static [u8]) -> bytes::Bytes {
 }
 
 /// Adds X-Forwarded-For (appended), -Proto and -Host, and the request id.
+///
+/// `X-Forwarded-Host` names the Host the client asked for: a value the request
+/// already carries is kept only when `trust_prior` (the peer is a trusted proxy);
+/// from anyone else it is replaced, so a client cannot make the app believe it was
+/// reached under another name.
 pub fn add_forwarding(
     req: &mut RequestHeader,
     client_ip: Option<std::net::IpAddr>,
     tls: bool,
     host: Option<&str>,
     request_id: &str,
+    trust_prior: bool,
 ) {
     use std::fmt::Write;
     if let Some(ip) = client_ip {
@@ -135,9 +202,15 @@ pub fn add_forwarding(
     }
     let proto = HeaderValue::from_static(if tls { "https" } else { "http" });
     let _ = req.insert_header(wire(XFP_WIRE), proto);
-    if let Some(h) = host {
-        if !req.headers.contains_key(&XFH) {
-            let _ = req.insert_header(wire(XFH_WIRE), h);
+    let keep_prior = trust_prior && req.headers.contains_key(&XFH);
+    if !keep_prior {
+        match host {
+            Some(h) => {
+                let _ = req.insert_header(wire(XFH_WIRE), h);
+            }
+            None => {
+                req.remove_header(&XFH);
+            }
         }
     }
     let _ = req.insert_header(wire(XRID_WIRE), request_id);
@@ -302,11 +375,76 @@ mod tests {
             false,
             Some("chat.example"),
             "rid",
+            false,
         );
         assert_eq!(r.headers["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(r.headers["x-forwarded-proto"], "http");
         assert_eq!(r.headers["x-forwarded-host"], "chat.example");
         assert_eq!(r.headers["x-request-id"], "rid");
+    }
+
+    #[test]
+    fn a_client_sent_forwarded_host_is_replaced_unless_a_trusted_proxy_sent_it() {
+        for (trusted, expected) in [(false, "chat.example"), (true, "evil.example")] {
+            let mut r = req(&[("x-forwarded-host", "evil.example")]);
+            add_forwarding(&mut r, None, false, Some("chat.example"), "rid", trusted);
+            assert_eq!(
+                r.headers["x-forwarded-host"], expected,
+                "trusted: {trusted}"
+            );
+            assert_eq!(r.headers.get_all("x-forwarded-host").iter().count(), 1);
+        }
+    }
+
+    #[test]
+    fn only_a_websocket_get_is_an_upgrade() {
+        let ws = [
+            ("host", "a"),
+            ("upgrade", "websocket"),
+            ("connection", "keep-alive, Upgrade"),
+        ];
+        let mut r = req(&ws);
+        assert!(is_websocket_upgrade(&r));
+        assert!(!drop_non_websocket_upgrade(&mut r));
+        assert_eq!(r.headers["upgrade"], "websocket");
+
+        let mut r = req(&[("host", "a"), ("upgrade", "foo"), ("connection", "upgrade")]);
+        assert!(!is_websocket_upgrade(&r));
+        assert!(drop_non_websocket_upgrade(&mut r));
+        assert!(r.headers.get("upgrade").is_none());
+        assert!(r.headers.get("connection").is_none());
+
+        let mut r = req(&[("host", "a"), ("upgrade", "websocket")]);
+        assert!(drop_non_websocket_upgrade(&mut r), "no Connection: upgrade");
+
+        let mut post = RequestHeader::build("POST", b"/a", None).unwrap();
+        post.append_header("upgrade", "websocket").unwrap();
+        post.append_header("connection", "upgrade, x-y").unwrap();
+        assert!(
+            drop_non_websocket_upgrade(&mut post),
+            "a POST is no handshake"
+        );
+        assert_eq!(post.headers["connection"], "x-y");
+    }
+
+    #[test]
+    fn chunked_twice_is_rejected_in_one_field_or_across_lines() {
+        let one = req(&[("host", "a"), ("transfer-encoding", "chunked, Chunked")]);
+        assert_eq!(
+            check_request(&one, true, 1 << 20),
+            Err(Invalid::RepeatedChunked)
+        );
+        let two = req(&[
+            ("host", "a"),
+            ("transfer-encoding", "chunked"),
+            ("transfer-encoding", "chunked"),
+        ]);
+        assert_eq!(
+            check_request(&two, true, 1 << 20),
+            Err(Invalid::RepeatedChunked)
+        );
+        let ok = req(&[("host", "a"), ("transfer-encoding", "chunked")]);
+        assert_eq!(check_request(&ok, true, 1 << 20), Ok(()));
     }
 
     #[test]

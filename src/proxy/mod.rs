@@ -57,6 +57,8 @@ pub struct Ctx {
     pub request_id: String,
     pub start: Instant,
     pub client_ip: Option<IpAddr>,
+    /// The peer is one of `client.trusted_proxies` (its forwarding headers count).
+    peer_trusted: bool,
     hash_key: Vec<u8>,
     lease: Option<Lease>,
     /// Server indices already tried by this request.
@@ -70,6 +72,9 @@ pub struct Ctx {
     /// The status the edge itself answered with, if it did.
     edge_status: Option<u16>,
     retry_after: bool,
+    /// The text of a failure the edge decided itself (503 queue full, 413, ...);
+    /// other failures are told by status only, never with the error's context.
+    edge_reason: Option<&'static str>,
     /// Accept-Encoding of the request, for negotiation at response time.
     accept_encoding: Vec<String>,
     is_head: bool,
@@ -194,7 +199,10 @@ impl Edge {
         }
         let scheme = scheme(session);
         let host = headers::request_host(req).unwrap_or("").to_owned();
-        let mut keys = vec![policy::primary_key(scheme, &host, req, policy)];
+        let resource = |pq: &str| policy::resource_key(scheme, &host, pq, &policy.ignore_query);
+        let mut keys = vec![resource(
+            req.uri.path_and_query().map_or("/", |p| p.as_str()),
+        )];
         if let Some(resp) = session.response_written() {
             for name in [http::header::LOCATION, http::header::CONTENT_LOCATION] {
                 let Some(target) = resp.headers.get(&name).and_then(|v| v.to_str().ok()) else {
@@ -203,25 +211,23 @@ impl Edge {
                 let Ok(uri) = target.parse::<http::Uri>() else {
                     continue;
                 };
-                if uri
-                    .authority()
-                    .is_some_and(|a| !a.as_str().eq_ignore_ascii_case(&host))
-                {
+                if uri.authority().is_some_and(|a| {
+                    crate::route::canonical_host(a.as_str()) != crate::route::canonical_host(&host)
+                }) {
                     continue; // another host: not ours to invalidate
                 }
-                if let Ok(other) = pingora::http::RequestHeader::build(
-                    "GET",
-                    uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes(),
-                    None,
-                ) {
-                    keys.push(policy::primary_key(scheme, &host, &other, policy));
+                let Some(pq) = uri.path_and_query().map(|p| p.as_str()) else {
+                    continue;
+                };
+                if pq.starts_with('/') {
+                    keys.push(resource(pq));
                 }
             }
         }
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
             for key in keys {
-                let n = store.invalidate(&key).await;
+                let n = store.invalidate_resource(&key).await;
                 if n > 0 {
                     metrics
                         .cache_purges
@@ -336,7 +342,7 @@ impl Edge {
             remote_addr: ctx.client_ip,
             time: ctx.arrived,
             method: req.method.to_string(),
-            uri: req.uri.to_string(),
+            uri: logged_uri(req, ctx.route().and_then(|r| r.log_query), ctx.upgraded),
             protocol: format!("{:?}", req.version),
             status,
             bytes_sent: session.body_bytes_sent() as u64,
@@ -400,7 +406,13 @@ impl Edge {
             dir: ctx.snap.temp_dir.clone(),
         });
         loop {
-            match session.read_request_body().await? {
+            // a body that cannot be read (broken framing, a stall, a close) is the
+            // client's doing: 400/408, never a 5xx (see fail_to_proxy)
+            match session
+                .read_request_body()
+                .await
+                .map_err(|e| e.into_down())?
+            {
                 None => break,
                 Some(chunk) => match spool.push(&chunk) {
                     Ok(()) => {}
@@ -465,6 +477,7 @@ impl ProxyHttp for Edge {
             request_id: String::new(),
             start: Instant::now(),
             client_ip: None,
+            peer_trusted: false,
             hash_key: Vec::new(),
             lease: None,
             tried: Vec::new(),
@@ -474,6 +487,7 @@ impl ProxyHttp for Edge {
             arrived: std::time::SystemTime::now(),
             edge_status: None,
             retry_after: false,
+            edge_reason: None,
             accept_encoding: Vec::new(),
             is_head: false,
             has_range: false,
@@ -493,12 +507,22 @@ impl ProxyHttp for Edge {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         ctx.start = Instant::now();
+        // from here on, `is_upgrade_req()` means a WebSocket handshake and nothing else
+        if !session.is_http2() {
+            headers::drop_non_websocket_upgrade(session.req_header_mut());
+        }
         let req = session.req_header();
         ctx.request_id = headers::request_id(req.headers.get(headers::X_REQUEST_ID));
         let peer = session
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
+        ctx.peer_trusted = peer.is_some_and(|p| {
+            ctx.snap
+                .trusted_proxies
+                .iter()
+                .any(|net| net.contains(&p.to_canonical()))
+        });
         ctx.client_ip = peer.map(|peer| {
             if ctx.snap.trusted_proxies.is_empty() {
                 return peer;
@@ -602,6 +626,7 @@ impl ProxyHttp for Edge {
                 ctx.streamed_body += b.len() as u64;
                 if ctx.streamed_body > max {
                     self.metrics.body_too_large.inc();
+                    ctx.edge_reason = Some("request body too large");
                     return Err(edge_error(413, "request body too large"));
                 }
             }
@@ -772,6 +797,7 @@ impl ProxyHttp for Edge {
                         .inc();
                 }
                 ctx.retry_after = status == 503;
+                ctx.edge_reason = Some(text);
                 return Err(edge_error(status, text));
             }
         };
@@ -820,6 +846,7 @@ impl ProxyHttp for Edge {
             tls,
             host.as_deref(),
             &ctx.request_id,
+            ctx.peer_trusted,
         );
         if ctx.request_body.is_some() {
             // the edge already answered `Expect: 100-continue` and holds the body
@@ -1045,11 +1072,7 @@ impl ProxyHttp for Edge {
             },
         };
         if code > 0 {
-            let text = match code {
-                502 => "upstream failed",
-                504 => "upstream timed out",
-                _ => e.context.as_ref().map_or("error", |c| c.as_str()),
-            };
+            let text = ctx.edge_reason.unwrap_or_else(|| failure_text(code));
             respond(session, ctx, code, text).await;
         }
         FailToProxy {
@@ -1094,6 +1117,35 @@ impl ProxyHttp for Edge {
     fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, e: &Error) -> bool {
         // the edge's own answers (404, 503, ...) are expected, not errors
         ctx.edge_status.is_some() && matches!(e.etype(), ErrorType::HTTPStatus(_))
+    }
+}
+
+/// The request target as the access log shows it: without its query string when
+/// the route says so, and by default on WebSocket handshakes (whose URL often
+/// carries a token). `websocket`: the request was a handshake.
+fn logged_uri(
+    req: &pingora::http::RequestHeader,
+    log_query: Option<bool>,
+    websocket: bool,
+) -> String {
+    let websocket = websocket || headers::is_websocket_upgrade(req);
+    if log_query.unwrap_or(!websocket) || req.uri.query().is_none() {
+        req.uri.to_string()
+    } else {
+        req.uri.path().to_owned()
+    }
+}
+
+/// What the client is told when proxying failed: what happened, never where. The
+/// error's context (which names the upstream peer) goes to the error log only.
+fn failure_text(code: u16) -> &'static str {
+    match code {
+        502 => "upstream failed",
+        504 => "upstream timed out",
+        _ => http::StatusCode::from_u16(code)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("error"),
     }
 }
 

@@ -5,7 +5,9 @@
 //! reload changes what is checked at the next tick, and 1,000 reloads leave exactly
 //! one checker task. A probe is `GET <path>` over a fresh connection with
 //! `Connection: close`; it passes when the status is in `expected_status`, all within
-//! `timeout`.
+//! `timeout`. A pool with `tls = true` is probed over TLS with the same SNI,
+//! verification and CA file as its proxied requests (pingora's connector), so a
+//! probe checks what traffic will meet.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -13,9 +15,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use pingora::connectors::TransportConnector;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use pingora::upstreams::peer::HttpPeer;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::state::now_ms;
@@ -30,6 +34,18 @@ const TICK: Duration = Duration::from_millis(100);
 pub struct HealthChecker {
     pub snapshots: SnapshotHandle,
     pub metrics: Arc<Metrics>,
+    /// Opens the TLS connections of probes to `tls = true` pools (built from the
+    /// server's settings, so it trusts `upstream_ca_file` as the proxy does).
+    pub connector: Arc<TransportConnector>,
+}
+
+/// How a probe reaches its server over TLS.
+#[derive(Clone)]
+pub struct TlsProbe {
+    pub connector: Arc<TransportConnector>,
+    /// SNI and the name verified.
+    pub sni: String,
+    pub verify: bool,
 }
 
 impl HealthChecker {
@@ -56,9 +72,14 @@ impl HealthChecker {
                 let spec = spec.clone();
                 let label = server.label.clone();
                 let metrics = self.metrics.clone();
+                let tls = pool.tls.enabled.then(|| TlsProbe {
+                    connector: self.connector.clone(),
+                    sni: pool.sni_for(server),
+                    verify: pool.tls.verify,
+                });
                 started += 1;
                 tokio::spawn(async move {
-                    let passed = probe(st.addr, &label, &spec).await;
+                    let passed = probe(st.addr, &label, &spec, tls.as_ref()).await;
                     if let Some(healthy) = st.record_check(passed, spec.rise, spec.fall) {
                         log::warn!(
                             "pool {} server {} is now {}",
@@ -91,8 +112,29 @@ impl BackgroundService for HealthChecker {
 }
 
 /// One probe. True when the server answered an expected status within the timeout.
-pub async fn probe(addr: SocketAddr, label: &str, spec: &HealthSpec) -> bool {
-    match tokio::time::timeout(spec.timeout, probe_inner(addr, label, spec)).await {
+pub async fn probe(
+    addr: SocketAddr,
+    label: &str,
+    spec: &HealthSpec,
+    tls: Option<&TlsProbe>,
+) -> bool {
+    let answer = async {
+        match tls {
+            None => exchange(TcpStream::connect(addr).await?, label, spec).await,
+            Some(t) => {
+                let mut peer = HttpPeer::new(addr, true, t.sni.clone());
+                peer.options.verify_cert = t.verify;
+                peer.options.verify_hostname = t.verify;
+                let stream = t
+                    .connector
+                    .new_stream(&peer)
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                exchange(stream, label, spec).await
+            }
+        }
+    };
+    match tokio::time::timeout(spec.timeout, answer).await {
         Ok(Ok(status)) => {
             let ok = spec.expected.contains(status);
             if !ok {
@@ -111,14 +153,18 @@ pub async fn probe(addr: SocketAddr, label: &str, spec: &HealthSpec) -> bool {
     }
 }
 
-async fn probe_inner(addr: SocketAddr, label: &str, spec: &HealthSpec) -> std::io::Result<u16> {
-    let mut stream = TcpStream::connect(addr).await?;
+/// Sends the probe request on an open connection and reads the status line.
+async fn exchange<S>(mut stream: S, label: &str, spec: &HealthSpec) -> std::io::Result<u16>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let host = spec.host.as_deref().unwrap_or(label);
     let req = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: wingman-edge-health\r\nConnection: close\r\n\r\n",
         spec.path, host
     );
     stream.write_all(req.as_bytes()).await?;
+    stream.flush().await?;
     let mut buf = Vec::with_capacity(256);
     let mut chunk = [0u8; 256];
     loop {

@@ -388,3 +388,72 @@ fn cache_status_values() {
         "wingman-edge; hit; detail=stale-if-error; ttl=-3"
     );
 }
+
+/// RFC 9111 §1.2.2: a delta-seconds too large to represent counts as 2^31; no
+/// value, however large, may overflow the lifetime or age arithmetic.
+#[test]
+fn huge_max_age_s_maxage_and_age_are_clamped_to_2_pow_31() {
+    let p = policy();
+    let cap = 1i64 << 31;
+    for cc in [
+        "max-age=9223372036854775807",
+        "max-age=9223372036854775808",
+        "s-maxage=99999999999999999999999999",
+        "max-age=18446744073709551615",
+    ] {
+        assert_eq!(
+            ttl(false, &resp(200, &[("cache-control", cc)]), &p),
+            Ok(cap),
+            "{cc}"
+        );
+    }
+    // an age near 2^63 makes the response as old as 2^31 s, never a panic
+    let r = resp(
+        200,
+        &[
+            ("cache-control", "max-age=9223372036854775807"),
+            ("age", "9223372036854775807"),
+        ],
+    );
+    assert!(matches!(
+        decide(false, &r, &p, now()),
+        Decision::Store { .. }
+    ));
+    // a value that is not 1*DIGIT is no freshness at all
+    assert_eq!(
+        ttl(false, &resp(200, &[("cache-control", "max-age=-5")]), &p),
+        Err("no-freshness")
+    );
+    assert_eq!(
+        ttl(false, &resp(200, &[("cache-control", "max-age=+5")]), &p),
+        Err("no-freshness")
+    );
+}
+
+/// The key's host is the one routing uses: port, case and trailing dot do not
+/// make another key, and a resource's key is a prefix of each of its variants'.
+#[test]
+fn key_host_is_normalized_like_routing_and_variants_extend_the_resource_key() {
+    let mut p = policy();
+    let r = req("/a?x=1", &[("x-tenant", "t1")]);
+    let plain = primary_key("http", "chat.example", &r, &p);
+    for host in [
+        "Chat.Example",
+        "chat.example:8080",
+        "chat.example.",
+        "CHAT.example.:80",
+    ] {
+        assert_eq!(primary_key("http", host, &r, &p), plain, "{host}");
+    }
+    assert_eq!(
+        resource_key("http", "Chat.example:80", "/a?x=1", &[]),
+        plain
+    );
+    p.key_headers = vec![HeaderName::from_static("x-tenant")];
+    p.ignore_query = vec!["utm".into()];
+    let r = req("/a?x=1&utm=z", &[("x-tenant", "t1")]);
+    let variant = primary_key("http", "chat.example", &r, &p);
+    let resource = resource_key("http", "chat.example", "/a?utm=q&x=1", &p.ignore_query);
+    assert_eq!(resource, "http\nchat.example\n/a?x=1");
+    assert!(variant.starts_with(&format!("{resource}\n")), "{variant:?}");
+}
