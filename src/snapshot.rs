@@ -376,6 +376,10 @@ fn cache_policy(c: &config::RouteCache) -> Option<CachePolicy> {
         lock_timeout: c
             .lock_timeout
             .map_or(config::DEFAULT_CACHE_LOCK_TIMEOUT, |d| d.get()),
+        heuristic_freshness: c.heuristic_freshness,
+        heuristic_max: c.heuristic_max.get(),
+        targeted: names(&c.targeted_cache_control),
+        strip_targeted: c.strip_targeted_cache_control,
     })
 }
 

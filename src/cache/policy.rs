@@ -49,6 +49,16 @@ pub struct CachePolicy {
     pub bypass_headers: Vec<HeaderName>,
     /// How long concurrent misses wait for the one that fetches.
     pub lock_timeout: Duration,
+    /// Heuristic freshness (RFC 9111 §4.2.2) for responses without explicit
+    /// freshness: 10% of the time since `Last-Modified`, at most `heuristic_max`.
+    pub heuristic_freshness: bool,
+    pub heuristic_max: Duration,
+    /// Targeted Cache-Control fields (RFC 9213) this cache obeys, most specific
+    /// first (e.g. `wingman-cache-control`, `cdn-cache-control`): the first one with
+    /// a valid, non-empty value replaces `Cache-Control` and `Expires`.
+    pub targeted: Vec<HeaderName>,
+    /// Remove the targeted fields from responses to clients.
+    pub strip_targeted: bool,
 }
 
 /// The key of a resource: scheme, host (as routing sees it: no port, no trailing
@@ -158,6 +168,59 @@ pub fn request_wants_revalidation(req: &RequestHeader) -> bool {
             .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"no-cache"))
 }
 
+/// The directives that govern this cache for a response, and whether they came
+/// from a targeted field (RFC 9213 §2.1: the first field of the target list with a
+/// valid, non-empty value, read as a structured Dictionary; then `Cache-Control`
+/// and `Expires` are ignored). Otherwise `Cache-Control`'s.
+fn response_directives(
+    headers: &HeaderMap,
+    targeted: &[HeaderName],
+) -> (Vec<(String, Option<String>)>, bool) {
+    for name in targeted {
+        if let Some(d) = targeted_directives(headers, name) {
+            return (d, true);
+        }
+    }
+    (directives(headers), false)
+}
+
+/// One targeted field as directives, or None when it is absent, empty or not a
+/// valid structured Dictionary (RFC 8941; its field lines joined by commas).
+fn targeted_directives(
+    headers: &HeaderMap,
+    name: &HeaderName,
+) -> Option<Vec<(String, Option<String>)>> {
+    let mut joined = Vec::new();
+    for v in headers.get_all(name) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b", ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if joined.iter().all(u8::is_ascii_whitespace) {
+        return None;
+    }
+    let dict = sfv::Parser::parse_dictionary(&joined).ok()?;
+    let mut out = Vec::with_capacity(dict.len());
+    for (k, entry) in dict.iter() {
+        let sfv::ListEntry::Item(item) = entry else {
+            continue; // an inner list is no directive value
+        };
+        let value = match &item.bare_item {
+            sfv::BareItem::Boolean(true) => None,
+            sfv::BareItem::Boolean(false) => continue,
+            sfv::BareItem::Integer(n) if *n >= 0 => Some(n.to_string()),
+            sfv::BareItem::Token(t) => Some(t.clone()),
+            sfv::BareItem::String(t) => Some(t.clone()),
+            // a negative or decimal number is no delta-seconds: the directive is
+            // kept with an invalid value, so it gives no freshness
+            _ => Some(String::from("invalid")),
+        };
+        out.push((k.clone(), value));
+    }
+    (!out.is_empty()).then_some(out)
+}
+
 /// Cache-Control directives, lower-cased, with their values unquoted.
 fn directives(headers: &HeaderMap) -> Vec<(String, Option<String>)> {
     let mut out = Vec::new();
@@ -219,13 +282,27 @@ fn http_date(headers: &HeaderMap, name: HeaderName) -> Option<SystemTime> {
     httpdate::parse_http_date(v.to_str().ok()?).ok()
 }
 
-/// Whether a status may be stored at all (final, understood, not partial).
-fn storable_status(code: u16, explicit: bool) -> bool {
-    // heuristically cacheable (RFC 9110 §15.1), or anything final with explicit freshness
+/// Heuristically cacheable statuses (RFC 9110 §15.1).
+fn heuristically_cacheable(code: u16) -> bool {
     matches!(
         code,
-        200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 451 | 501
-    ) || (explicit && matches!(code, 302 | 303 | 307 | 400 | 403))
+        200 | 203 | 204 | 206 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 451 | 501
+    )
+}
+
+/// Whether a status may be stored (RFC 9111 §3): any final status, known or not,
+/// but 206 and 304 (this cache stores neither a partial body nor a validation).
+fn storable_status(code: u16) -> bool {
+    code >= 200 && code != 206 && code != 304
+}
+
+/// Whether this cache understands a status (for `must-understand`, RFC 9111
+/// §5.2.2.3): the statuses RFC 9110 defines.
+fn understood_status(code: u16) -> bool {
+    http::StatusCode::from_u16(code)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .is_some()
 }
 
 /// The storage decision for one response.
@@ -251,10 +328,17 @@ pub fn decide(
     policy: &CachePolicy,
     now: SystemTime,
 ) -> Decision {
-    let cc = directives(&resp.headers);
+    let (cc, targeted) = response_directives(&resp.headers, &policy.targeted);
     let has = |name: &str| cc.iter().any(|(k, _)| k == name);
     let value = |name: &str| cc.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-    if has("no-store") {
+    let status = resp.status.as_u16();
+    if has("must-understand") {
+        // RFC 9111 §5.2.2.3: stored only when the status is understood, and then
+        // no-store (sent for caches that do not know must-understand) is ignored
+        if !understood_status(status) {
+            return Decision::NoStore("must-understand");
+        }
+    } else if has("no-store") {
         return Decision::NoStore("no-store");
     }
     if cc.iter().any(|(k, v)| k == "private" && v.is_none()) {
@@ -280,7 +364,7 @@ pub fn decide(
     let s_maxage = value("s-maxage").and_then(|v| seconds(&v));
     let max_age = value("max-age").and_then(|v| seconds(&v));
     let expires_lifetime = || -> Option<Duration> {
-        if !resp.headers.contains_key(header::EXPIRES) {
+        if targeted || !resp.headers.contains_key(header::EXPIRES) {
             return None;
         }
         // an invalid Expires means "already expired" (RFC 9111 §5.3)
@@ -293,16 +377,34 @@ pub fn decide(
         .map(Duration::from_secs)
         .or_else(expires_lifetime);
     let no_cache = cc.iter().any(|(k, v)| k == "no-cache" && v.is_none());
-    let status = resp.status.as_u16();
-    if !storable_status(status, explicit.is_some()) {
+    if !storable_status(status) {
         return Decision::NoStore("status");
     }
+    // heuristics only for heuristically cacheable statuses or `public` (§4.2.2)
+    let heuristic = || -> Option<Duration> {
+        if !(heuristically_cacheable(status) || has("public")) {
+            return None;
+        }
+        let from_last_modified = policy
+            .heuristic_freshness
+            .then(|| {
+                let lm = http_date(&resp.headers, header::LAST_MODIFIED)?;
+                let age = date.unwrap_or(now).duration_since(lm).ok()?;
+                Some((age / 10).min(policy.heuristic_max))
+            })
+            .flatten()
+            .filter(|d| !d.is_zero());
+        from_last_modified.or(policy.default_ttl)
+    };
     let lifetime = match (explicit, no_cache) {
         (_, true) => Duration::ZERO,
         (Some(l), false) => l,
-        (None, false) => match policy.default_ttl {
-            Some(h) if storable_status(status, false) => h,
-            _ => return Decision::NoStore("no-freshness"),
+        (None, false) => match heuristic() {
+            Some(h) => h,
+            None if heuristically_cacheable(status) || has("public") => {
+                return Decision::NoStore("no-freshness")
+            }
+            None => return Decision::NoStore("status"),
         },
     };
     if no_cache && !has_validator(&resp.headers) {
@@ -368,6 +470,38 @@ pub fn decide(
     }
 }
 
+/// Updates a stored response's header from a 304 (RFC 9111 §3.2, §4.3.4): every
+/// field the 304 carries replaces the stored one's values, except Content-Length,
+/// framing and hop-by-hop fields, the fields the stored body depends on
+/// (Content-Encoding, Content-Range, Content-Type) and Vary (the stored variance
+/// stays; pingora keeps the old one).
+pub fn update_from_304(stored: &mut ResponseHeader, fresh: &ResponseHeader) {
+    let kept = |name: &HeaderName| {
+        matches!(
+            name.as_str(),
+            "content-length"
+                | "transfer-encoding"
+                | "connection"
+                | "keep-alive"
+                | "te"
+                | "trailer"
+                | "upgrade"
+                | "proxy-connection"
+                | "content-encoding"
+                | "content-range"
+                | "content-type"
+                | "vary"
+        )
+    };
+    let names: Vec<HeaderName> = fresh.headers.keys().filter(|n| !kept(n)).cloned().collect();
+    for name in names {
+        stored.remove_header(&name);
+        for v in fresh.headers.get_all(&name) {
+            let _ = stored.append_header(name.clone(), v.clone());
+        }
+    }
+}
+
 fn has_validator(h: &HeaderMap) -> bool {
     h.contains_key(header::ETAG) || h.contains_key(header::LAST_MODIFIED)
 }
@@ -398,16 +532,79 @@ pub fn variance(
         let value: Vec<u8> = if name == "accept-encoding" {
             encoding.as_bytes().to_vec()
         } else {
-            let mut v = Vec::new();
-            for x in req.headers.get_all(name.as_str()) {
-                v.extend_from_slice(x.as_bytes());
-                v.push(b'\x1f');
-            }
-            v
+            vary_value(req, &name)
         };
         b.add_owned_name_value(name, value);
     }
     b.finalize()
+}
+
+/// A request's value of a field named by Vary, normalized as RFC 9111 §4.1 allows,
+/// so requests that mean the same share one variant: field lines are combined, and
+/// for the content-negotiation lists (Accept, Accept-Charset, Accept-Language,
+/// whose members are case-insensitive and whose order only matters through `q`)
+/// whitespace is dropped, case folded and members sorted by q (descending), then
+/// by value. Other fields keep their bytes (only leading and trailing whitespace of
+/// each line goes, which no syntax makes significant).
+fn vary_value(req: &RequestHeader, name: &str) -> Vec<u8> {
+    let lines = req.headers.get_all(name);
+    let negotiation = matches!(name, "accept" | "accept-charset" | "accept-language");
+    if !negotiation {
+        let mut v = Vec::new();
+        for (i, x) in lines.iter().enumerate() {
+            if i > 0 {
+                v.extend_from_slice(b", ");
+            }
+            v.extend_from_slice(x.as_bytes().trim_ascii());
+        }
+        return v;
+    }
+    let mut members: Vec<(u16, String)> = lines
+        .iter()
+        .filter_map(|x| x.to_str().ok())
+        .flat_map(|x| x.split(','))
+        .filter_map(|m| {
+            let mut parts = m.split(';').map(|p| {
+                p.split('=')
+                    .map(str::trim)
+                    .collect::<Vec<_>>()
+                    .join("=")
+                    .to_ascii_lowercase()
+            });
+            let value = parts.next().filter(|v| !v.is_empty())?;
+            let mut q = 1000u16;
+            let mut params = Vec::new();
+            for p in parts {
+                match p.strip_prefix("q=") {
+                    Some(w) => q = qvalue(w),
+                    None if !p.is_empty() => params.push(p),
+                    None => {}
+                }
+            }
+            params.insert(0, value);
+            Some((q, params.join(";")))
+        })
+        .collect();
+    members.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    let mut v = Vec::new();
+    for (i, (q, m)) in members.iter().enumerate() {
+        if i > 0 {
+            v.push(b',');
+        }
+        v.extend_from_slice(m.as_bytes());
+        if *q != 1000 {
+            v.extend_from_slice(format!(";q={q}").as_bytes());
+        }
+    }
+    v
+}
+
+/// A qvalue (RFC 9110 §12.4.2) in thousandths; anything unparsable counts as 1.
+fn qvalue(w: &str) -> u16 {
+    match w.parse::<f32>() {
+        Ok(q) if (0.0..=1.0).contains(&q) => (q * 1000.0).round() as u16,
+        _ => 1000,
+    }
 }
 
 /// How a request was served by the cache, for `Cache-Status` and metrics.

@@ -480,7 +480,7 @@ pub struct RateLimit {
 }
 
 /// Response caching of a route (RFC 9111 shared cache).
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct RouteCache {
     /// Use the cache for GET and HEAD on this route.
     #[serde(default)]
@@ -513,6 +513,53 @@ pub struct RouteCache {
     pub bypass_headers: Vec<String>,
     /// How long concurrent misses for one key wait for the single origin fetch.
     pub lock_timeout: Option<HumanDuration>,
+    /// Heuristic freshness (RFC 9111 §4.2.2) for responses without explicit
+    /// freshness: 10% of the time since Last-Modified, at most `heuristic_max`.
+    #[serde(default)]
+    pub heuristic_freshness: bool,
+    #[serde(default = "default_heuristic_max")]
+    pub heuristic_max: HumanDuration,
+    /// Targeted Cache-Control fields (RFC 9213) this cache obeys, most specific
+    /// first; the first one present and valid replaces Cache-Control and Expires.
+    #[serde(default = "default_targeted_cache_control")]
+    pub targeted_cache_control: Vec<String>,
+    /// Remove those fields from responses to clients (they are meant for caches).
+    #[serde(default)]
+    pub strip_targeted_cache_control: bool,
+}
+
+impl Default for RouteCache {
+    fn default() -> Self {
+        RouteCache {
+            enabled: false,
+            key_headers: Vec::new(),
+            key_cookies: Vec::new(),
+            ignore_query_params: Vec::new(),
+            max_ttl: None,
+            default_ttl: None,
+            stale_while_revalidate: None,
+            stale_if_error: None,
+            store_set_cookie: false,
+            bypass_cookies: Vec::new(),
+            bypass_headers: Vec::new(),
+            lock_timeout: None,
+            heuristic_freshness: false,
+            heuristic_max: default_heuristic_max(),
+            targeted_cache_control: default_targeted_cache_control(),
+            strip_targeted_cache_control: false,
+        }
+    }
+}
+
+fn default_heuristic_max() -> HumanDuration {
+    HumanDuration(DEFAULT_HEURISTIC_MAX)
+}
+
+/// Longest heuristic freshness lifetime (`routes.cache.heuristic_max`).
+pub const DEFAULT_HEURISTIC_MAX: Duration = Duration::from_secs(24 * 3600);
+
+fn default_targeted_cache_control() -> Vec<String> {
+    vec!["wingman-cache-control".into(), "cdn-cache-control".into()]
 }
 
 /// Response compression of a route.

@@ -426,6 +426,14 @@ pub fn validate(c: &Config) -> Vec<(KeyPath, String)> {
                 ));
             }
         }
+        for (j, h) in r.cache.targeted_cache_control.iter().enumerate() {
+            if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                out.push((
+                    kp.key("targeted_cache_control").index(j),
+                    format!("{h:?} is not a valid header name"),
+                ));
+            }
+        }
         for (j, h) in r.cache.bypass_headers.iter().enumerate() {
             if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
                 out.push((

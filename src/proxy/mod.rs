@@ -99,6 +99,9 @@ pub struct Ctx {
     cache_key: Option<String>,
     /// Cache outcome for metrics, decided when the response header goes out.
     cache_outcome: Option<policy::Outcome>,
+    /// The origin's 304 to a revalidation, whose fields update the stored response
+    /// (RFC 9111 §4.3.4) when `response_cache_filter` sees the merged header.
+    cache_304: Option<Box<ResponseHeader>>,
 }
 
 impl Ctx {
@@ -502,6 +505,7 @@ impl ProxyHttp for Edge {
             cache_stored: false,
             cache_key: None,
             cache_outcome: None,
+            cache_304: None,
         }
     }
 
@@ -723,6 +727,14 @@ impl ProxyHttp for Edge {
             .req_header()
             .headers
             .contains_key(http::header::AUTHORIZATION);
+        // after a 304, pingora merged only a few of its fields into the stored
+        // header; the RFC wants every field but framing and content ones
+        let updated = ctx.cache_304.take().map(|fresh| {
+            let mut merged = resp.clone();
+            policy::update_from_304(&mut merged, &fresh);
+            merged
+        });
+        let resp = updated.as_ref().unwrap_or(resp);
         match policy::decide(auth, resp, policy, std::time::SystemTime::now()) {
             policy::Decision::Store {
                 fresh_until,
@@ -872,6 +884,9 @@ impl ProxyHttp for Edge {
             }
         }
         headers::strip_hop_by_hop_response(resp);
+        if resp.status.as_u16() == 304 && session.cache.enabled() {
+            ctx.cache_304 = Some(Box::new(resp.clone()));
+        }
         if let Some(v) = resp.headers.get("x-accel-buffering") {
             ctx.no_buffering = v.as_bytes().eq_ignore_ascii_case(b"no");
             resp.remove_header("x-accel-buffering");
@@ -948,6 +963,11 @@ impl ProxyHttp for Edge {
         let status = resp.status.as_u16();
         if ctx.cache_enabled || ctx.cache_bypassed {
             self.cache_status(session, resp, ctx);
+        }
+        if let Some(policy) = r.cache.as_ref().filter(|p| p.strip_targeted) {
+            for name in &policy.targeted {
+                resp.remove_header(name);
+            }
         }
         let event_stream = resp
             .headers

@@ -64,7 +64,8 @@ pub struct OriginState {
 ///   Content-Length; sets `finished_writing` when the last chunk is taken
 /// - `/sse/{count}/{ms}`: text/event-stream, `count` events `ms` apart
 /// - `/upload`: reads the body and records it in `uploads`
-/// - `/fixed`: a 4 KiB JSON body whose headers come from the query:
+/// - `/fixed`: a 4 KiB JSON body whose headers come from the query (`x304`: a field
+///   only its 304s carry; `cc304`: their Cache-Control, default `cc`):
 ///   `etag`, `vary`, `cc` (Cache-Control), `ce` (Content-Encoding), `xab`
 ///   (X-Accel-Buffering)
 pub struct Origin {
@@ -535,6 +536,29 @@ pub fn fresh_client() -> reqwest::Client {
         .expect("client")
 }
 
+/// GET `path` from the edge with extra request headers (a fresh client per call,
+/// so no connection is shared between tests' requests).
+pub async fn get_with(edge: &Edge, path: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client");
+    let mut req = client.get(edge.url(path));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.expect("request to the edge")
+}
+
+/// A response's `Cache-Status` (empty when absent).
+pub fn cache_status(resp: &reqwest::Response) -> String {
+    resp.headers()
+        .get("cache-status")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .unwrap_or_default()
+}
+
 /// Sends raw bytes on a new connection and reads the whole answer (until close or
 /// `limit`).
 pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], limit: Duration) -> String {
@@ -713,8 +737,12 @@ async fn fixed(
     if let (Some(tag), Some(inm)) = (&etag, headers.get("if-none-match")) {
         if inm.to_str().ok() == Some(tag.as_str()) {
             let mut b = Response::builder().status(304).header("etag", tag.as_str());
-            if let Some(cc) = query_param(&uri, "cc") {
+            if let Some(cc) = query_param(&uri, "cc304").or(query_param(&uri, "cc")) {
                 b = b.header("cache-control", decode(cc));
+            }
+            // `x304`: a field only 304s carry (a stored response updated from it)
+            if let Some(x) = query_param(&uri, "x304") {
+                b = b.header("x-updated", decode(x));
             }
             b = b.header("x-origin-n", n);
             return b
@@ -739,6 +767,8 @@ async fn fixed(
         ("age", "age"),
         ("lm", "last-modified"),
         ("loc", "location"),
+        ("cdn", "cdn-cache-control"),
+        ("wcc", "wingman-cache-control"),
     ] {
         if let Some(v) = query_param(&uri, param) {
             b = b.header(header, decode(v));

@@ -13,6 +13,13 @@ fn policy() -> CachePolicy {
         bypass_cookies: vec![],
         bypass_headers: vec![],
         lock_timeout: Duration::from_secs(5),
+        heuristic_freshness: false,
+        heuristic_max: Duration::from_secs(86_400),
+        targeted: vec![
+            HeaderName::from_static("wingman-cache-control"),
+            HeaderName::from_static("cdn-cache-control"),
+        ],
+        strip_targeted: false,
     }
 }
 
@@ -195,10 +202,29 @@ fn storage_and_freshness_table() {
             resp(302, &[("cache-control", "max-age=60")]),
             Ok(60),
         ),
+        // RFC 9111 §3: any final status with explicit freshness is storable
         (
-            "500 never",
+            "500 with explicit freshness",
             false,
             resp(500, &[("cache-control", "max-age=60")]),
+            Ok(60),
+        ),
+        (
+            "unknown 599 with s-maxage",
+            false,
+            resp(599, &[("cache-control", "s-maxage=30")]),
+            Ok(30),
+        ),
+        (
+            "304 never",
+            false,
+            resp(304, &[("cache-control", "max-age=60")]),
+            Err("status"),
+        ),
+        (
+            "500 without freshness",
+            false,
+            resp(500, &[]),
             Err("status"),
         ),
         (
@@ -456,4 +482,147 @@ fn key_host_is_normalized_like_routing_and_variants_extend_the_resource_key() {
     let resource = resource_key("http", "chat.example", "/a?utm=q&x=1", &p.ignore_query);
     assert_eq!(resource, "http\nchat.example\n/a?x=1");
     assert!(variant.starts_with(&format!("{resource}\n")), "{variant:?}");
+}
+
+/// RFC 9111 §4.2.2: heuristic freshness only when the route turns it on, only for
+/// heuristically cacheable statuses (or `public`), 10% of the time since
+/// Last-Modified, capped by heuristic_max.
+#[test]
+fn heuristic_freshness_is_opt_in_tenth_of_last_modified_age_and_capped() {
+    let mut p = policy();
+    let lm = date(-10_000);
+    let r = resp(200, &[("last-modified", &lm), ("date", &date(0))]);
+    assert_eq!(ttl(false, &r, &p), Err("no-freshness"), "off by default");
+    p.heuristic_freshness = true;
+    assert_eq!(ttl(false, &r, &p), Ok(1000));
+    p.heuristic_max = Duration::from_secs(300);
+    assert_eq!(ttl(false, &r, &p), Ok(300));
+    let r500 = resp(500, &[("last-modified", &lm)]);
+    assert_eq!(ttl(false, &r500, &p), Err("status"), "500 is not heuristic");
+    let public = resp(302, &[("last-modified", &lm), ("cache-control", "public")]);
+    assert_eq!(ttl(false, &public, &p), Ok(300), "public allows heuristics");
+}
+
+/// RFC 9213: the first targeted field of the list with a valid value governs this
+/// cache, replacing Cache-Control and Expires; an invalid one is ignored.
+#[test]
+fn targeted_cache_control_takes_precedence_and_invalid_values_are_ignored() {
+    let p = policy();
+    let cases: Vec<(&str, ResponseHeader, Result<i64, &str>)> = vec![
+        (
+            "CDN-Cache-Control over Cache-Control",
+            resp(
+                200,
+                &[
+                    ("cache-control", "private"),
+                    ("cdn-cache-control", "max-age=60"),
+                ],
+            ),
+            Ok(60),
+        ),
+        (
+            "edge-specific over CDN-Cache-Control",
+            resp(
+                200,
+                &[
+                    ("cdn-cache-control", "no-store"),
+                    ("wingman-cache-control", "max-age=30"),
+                ],
+            ),
+            Ok(30),
+        ),
+        (
+            "targeted no-store",
+            resp(
+                200,
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("cdn-cache-control", "no-store"),
+                ],
+            ),
+            Err("no-store"),
+        ),
+        (
+            "Expires is ignored under a targeted field",
+            resp(
+                200,
+                &[
+                    ("expires", &date(600)),
+                    ("date", &date(0)),
+                    ("cdn-cache-control", "must-revalidate"),
+                ],
+            ),
+            Err("no-freshness"),
+        ),
+        (
+            "invalid targeted value falls back to Cache-Control",
+            resp(
+                200,
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("cdn-cache-control", "max-age=\"x"),
+                ],
+            ),
+            Ok(60),
+        ),
+        (
+            "case-insensitive field name, private as a boolean",
+            resp(
+                200,
+                &[
+                    ("CDN-Cache-Control", "private"),
+                    ("cache-control", "max-age=60"),
+                ],
+            ),
+            Err("private"),
+        ),
+    ];
+    for (what, r, expected) in cases {
+        assert_eq!(ttl(false, &r, &p), expected, "{what}");
+    }
+}
+
+/// RFC 9111 §5.2.2.3: must-understand stores a known status despite no-store, and
+/// never an unknown one.
+#[test]
+fn must_understand_overrides_no_store_only_for_understood_statuses() {
+    let p = policy();
+    let known = resp(
+        200,
+        &[("cache-control", "must-understand, no-store, max-age=60")],
+    );
+    assert_eq!(ttl(false, &known, &p), Ok(60));
+    let unknown = resp(
+        299,
+        &[("cache-control", "must-understand, no-store, max-age=60")],
+    );
+    assert_eq!(ttl(false, &unknown, &p), Err("must-understand"));
+}
+
+/// RFC 9111 §4.1: request values that mean the same share a variant: combined
+/// field lines, whitespace around members, case and order of equal-q members of
+/// the negotiation lists. Other fields keep their bytes.
+#[test]
+fn vary_matches_after_normalization() {
+    let stored = resp(200, &[("vary", "Accept-Language, X-Mode")]);
+    let v = |headers: &[(&str, &str)]| variance(&stored, &req("/a", headers), "identity");
+    let base = v(&[("accept-language", "en, de;q=0.5, fr"), ("x-mode", "a")]);
+    for same in [
+        v(&[("accept-language", "fr,EN , de ; q=0.5"), ("x-mode", "a")]),
+        v(&[
+            ("accept-language", "en"),
+            ("accept-language", "fr, de;q=0.5"),
+            ("x-mode", " a"),
+        ]),
+    ] {
+        assert_eq!(same, base);
+    }
+    assert_ne!(
+        v(&[("accept-language", "en, de;q=0.6, fr"), ("x-mode", "a")]),
+        base
+    );
+    assert_ne!(
+        v(&[("accept-language", "en, de;q=0.5, fr"), ("x-mode", "A")]),
+        base
+    );
 }

@@ -1,0 +1,203 @@
+//! RFC 9111 / RFC 9213 conformance of the shared cache through a real edge and a
+//! real origin, one behaviour per test, each naming its RFC section.
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use common::{single_pool, Edge, Origin};
+
+fn cached(origin: &Origin, extra_route: &str) -> String {
+    format!(
+        "{}\n[routes.cache]\nenabled = true\n{extra_route}\n",
+        single_pool(origin, "")
+    )
+}
+
+use common::{cache_status, get_with as get};
+
+/// Fetches `path` twice; the second answer's status and Cache-Status, and how
+/// often the origin was asked.
+async fn twice(
+    edge: &Edge,
+    origin: &Origin,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, usize) {
+    let before = origin.requests();
+    get(edge, path, headers).await.bytes().await.unwrap();
+    let second = get(edge, path, headers).await;
+    let status = second.status().as_u16();
+    let cs = cache_status(&second);
+    second.bytes().await.unwrap();
+    (status, cs, origin.requests() - before)
+}
+
+fn enc(v: &str) -> String {
+    v.replace('=', "%3D")
+        .replace(',', "%2C")
+        .replace(' ', "%20")
+        .replace('"', "%22")
+        .replace(';', "%3B")
+}
+
+/// RFC 9111 §3: a response with explicit freshness is storable whatever its final
+/// status, known or not (5xx, 299, 499, 599 included); without freshness a 500 is
+/// not (it is not heuristically cacheable).
+#[tokio::test]
+async fn any_final_status_with_explicit_freshness_is_stored() {
+    let origin = Origin::start("a").await;
+    let edge = Edge::start(&cached(&origin, "")).await;
+    for status in [500, 503, 299, 499, 599, 302, 403] {
+        let path = format!("/fixed?status={status}&cc={}", enc("max-age=60"));
+        let (got, cs, n) = twice(&edge, &origin, &path, &[]).await;
+        assert_eq!(got, status);
+        assert!(cs.contains("hit"), "{status}: {cs}");
+        assert_eq!(n, 1, "{status}");
+    }
+    let (_, cs, n) = twice(&edge, &origin, "/fixed?status=500", &[]).await;
+    assert_eq!(n, 2, "a 500 without freshness is not stored: {cs}");
+}
+
+/// RFC 9111 §4.2.2: heuristic freshness only when the route turns it on: 10% of
+/// the time since Last-Modified, capped by heuristic_max.
+#[tokio::test]
+async fn heuristic_freshness_is_off_by_default_and_a_tenth_of_the_last_modified_age() {
+    let origin = Origin::start("a").await;
+    let lm = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(20_000));
+    let path = format!("/fixed?lm={}", enc(&lm));
+    let off = Edge::start(&cached(&origin, "")).await;
+    let (_, _, n) = twice(&off, &origin, &path, &[]).await;
+    assert_eq!(n, 2, "not stored without heuristic_freshness");
+    let on = Edge::start(&cached(
+        &origin,
+        "heuristic_freshness = true\nheuristic_max = \"1h\"",
+    ))
+    .await;
+    let (_, cs, n) = twice(&on, &origin, &path, &[]).await;
+    assert_eq!(n, 1, "{cs}");
+    let ttl: i64 = cs
+        .split("ttl=")
+        .nth(1)
+        .and_then(|t| t.split(';').next())
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no ttl in {cs}"));
+    assert!((1990..=2000).contains(&ttl), "10% of 20,000 s: {cs}");
+    let old = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(200_000));
+    let (_, cs, _) = twice(&on, &origin, &format!("/fixed?lm={}", enc(&old)), &[]).await;
+    assert!(
+        cs.contains("ttl=3600") || cs.contains("ttl=3599"),
+        "capped at 1h: {cs}"
+    );
+}
+
+/// RFC 9111 §4.3.4: a 304 updates the stored response's header fields (all but
+/// framing and content fields), so later hits carry what the origin said last.
+#[tokio::test]
+async fn a_304_updates_the_stored_header_fields() {
+    let origin = Origin::start("a").await;
+    let edge = Edge::start(&cached(&origin, "")).await;
+    // stored stale at once (max-age=0 + a validator); the 304 makes it fresh for a
+    // minute and adds a field
+    let path = format!(
+        "/fixed?etag={}&cc={}&cc304={}&x304=after-304",
+        enc("\"v1\""),
+        enc("max-age=0"),
+        enc("max-age=60")
+    );
+    let first = get(&edge, &path, &[]).await;
+    assert!(first.headers().get("x-updated").is_none());
+    first.bytes().await.unwrap();
+    let revalidated = get(&edge, &path, &[]).await;
+    let cs = cache_status(&revalidated);
+    assert!(cs.contains("fwd-status=304"), "{cs}");
+    assert_eq!(revalidated.headers()["x-updated"], "after-304");
+    assert_eq!(revalidated.headers()["cache-control"], "max-age=60");
+    revalidated.bytes().await.unwrap();
+    let before = origin.requests();
+    let hit = get(&edge, &path, &[]).await;
+    assert!(
+        cache_status(&hit).contains("hit"),
+        "fresh after the 304: {}",
+        cache_status(&hit)
+    );
+    assert_eq!(hit.headers()["x-updated"], "after-304");
+    assert_eq!(hit.headers()["cache-control"], "max-age=60");
+    assert_eq!(hit.bytes().await.unwrap().len(), 4096);
+    assert_eq!(origin.requests(), before);
+}
+
+/// RFC 9213 §2.1: the first targeted field (Wingman-Cache-Control, then
+/// CDN-Cache-Control) with a valid value governs this cache instead of
+/// Cache-Control, so an app can say "edge: 60 s, browsers: private". The field
+/// travels on to clients unless the route strips it.
+#[tokio::test]
+async fn targeted_cache_control_governs_the_edge_and_browsers_keep_cache_control() {
+    let origin = Origin::start("a").await;
+    let edge = Edge::start(&cached(&origin, "")).await;
+    let path = format!("/fixed?cc=private&cdn={}", enc("max-age=60"));
+    let (_, cs, n) = twice(&edge, &origin, &path, &[]).await;
+    assert!(cs.contains("hit") && n == 1, "{cs}");
+    let resp = get(&edge, &path, &[]).await;
+    assert_eq!(resp.headers()["cache-control"], "private");
+    assert_eq!(resp.headers()["cdn-cache-control"], "max-age=60");
+    // the edge-specific field wins over CDN-Cache-Control
+    let path = format!("/fixed?cdn=no-store&wcc={}", enc("max-age=60"));
+    let (_, cs, n) = twice(&edge, &origin, &path, &[]).await;
+    assert!(cs.contains("hit") && n == 1, "{cs}");
+    // an invalid targeted value is ignored: Cache-Control decides
+    let path = format!("/fixed?cc={}&cdn={}", enc("no-store"), enc("max-age=\"6"));
+    let (_, _, n) = twice(&edge, &origin, &path, &[]).await;
+    assert_eq!(n, 2);
+    // stripped on a route that says so
+    let strip = Edge::start(&cached(&origin, "strip_targeted_cache_control = true")).await;
+    let path = format!("/fixed?cc=private&cdn={}&s=1", enc("max-age=60"));
+    let (_, cs, _) = twice(&strip, &origin, &path, &[]).await;
+    assert!(cs.contains("hit"), "{cs}");
+    let resp = get(&strip, &path, &[]).await;
+    assert!(resp.headers().get("cdn-cache-control").is_none());
+    assert!(resp.headers().get("wingman-cache-control").is_none());
+}
+
+/// RFC 9111 §5.2.2.3: with must-understand, a response of a status this cache
+/// understands is stored despite no-store; one of an unknown status is not.
+#[tokio::test]
+async fn must_understand_stores_known_statuses_despite_no_store() {
+    let origin = Origin::start("a").await;
+    let edge = Edge::start(&cached(&origin, "")).await;
+    let cc = enc("must-understand, no-store, max-age=60");
+    let (_, cs, n) = twice(&edge, &origin, &format!("/fixed?cc={cc}"), &[]).await;
+    assert!(cs.contains("hit") && n == 1, "{cs}");
+    let (_, _, n) = twice(&edge, &origin, &format!("/fixed?cc={cc}&status=299"), &[]).await;
+    assert_eq!(n, 2, "an unknown status with must-understand is not stored");
+}
+
+/// RFC 9111 §4.1: stored variants match requests whose varying fields are equal
+/// after normalization (combined lines, whitespace, case, order of equal q).
+#[tokio::test]
+async fn vary_matches_normalized_accept_language() {
+    let origin = Origin::start("a").await;
+    let edge = Edge::start(&cached(&origin, "")).await;
+    let path = format!("/fixed?cc={}&vary=Accept-Language", enc("max-age=60"));
+    get(&edge, &path, &[("accept-language", "en, de;q=0.5, fr")])
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    let before = origin.requests();
+    for same in ["fr,EN ,de ; q=0.5", "de;q=0.5, en, fr"] {
+        let r = get(&edge, &path, &[("accept-language", same)]).await;
+        assert!(
+            cache_status(&r).contains("hit"),
+            "{same:?}: {}",
+            cache_status(&r)
+        );
+        r.bytes().await.unwrap();
+    }
+    assert_eq!(origin.requests(), before);
+    let other = get(&edge, &path, &[("accept-language", "de, en;q=0.5")]).await;
+    assert!(
+        !cache_status(&other).contains("hit"),
+        "a different preference is another variant"
+    );
+}
