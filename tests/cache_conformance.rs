@@ -201,3 +201,41 @@ async fn vary_matches_normalized_accept_language() {
         "a different preference is another variant"
     );
 }
+
+/// RFC 9111 §4.2.3, §5.1 and §4: Age is on every response served from storage
+/// (hits and revalidated ones), it counts the origin's Age plus the time the origin
+/// took, and the origin's Date is kept (not replaced by the time of the hit).
+#[tokio::test]
+async fn age_counts_the_response_delay_and_the_origin_date_is_kept() {
+    let origin = Origin::start("a").await;
+    let edge = Edge::start(&cached(&origin, "")).await;
+    // the origin says Age: 100 and takes 1.5 s: the stored response is >= 101 s old
+    let path = format!("/fixed?cc={}&age=100&delay=1500", enc("max-age=600"));
+    let miss = get(&edge, &path, &[]).await;
+    let origin_date = miss.headers()["date"].to_str().unwrap().to_owned();
+    miss.bytes().await.unwrap();
+    let hit = get(&edge, &path, &[]).await;
+    assert!(cache_status(&hit).contains("hit"), "{}", cache_status(&hit));
+    let age: u64 = hit.headers()["age"].to_str().unwrap().parse().unwrap();
+    assert!(age >= 101, "age {age} misses the response delay");
+    // wait for the wall clock to move to another second, then the hit still shows
+    // the origin's Date
+    let now = || httpdate::fmt_http_date(SystemTime::now());
+    let started = now();
+    common::wait_until(Duration::from_secs(3), "the clock to tick", || async {
+        now() != started
+    })
+    .await;
+    let later = get(&edge, &path, &[]).await;
+    assert_eq!(later.headers()["date"].to_str().unwrap(), origin_date);
+    // a revalidated response carries Age too
+    let path = format!("/fixed?etag={}&cc={}", enc("\"v\""), enc("max-age=0"));
+    get(&edge, &path, &[]).await.bytes().await.unwrap();
+    let revalidated = get(&edge, &path, &[]).await;
+    assert!(cache_status(&revalidated).contains("fwd-status=304"));
+    assert!(
+        revalidated.headers().contains_key("age"),
+        "{:?}",
+        revalidated.headers()
+    );
+}

@@ -269,6 +269,15 @@ fn delta_seconds(s: &str) -> Option<u64> {
     )
 }
 
+/// The Age a response carries (RFC 9111 §5.1): of a list (or several field lines)
+/// the first member counts; an invalid value (a sign, a suffix, a parameter) is
+/// ignored.
+fn age_value(headers: &HeaderMap) -> Option<Duration> {
+    let first = headers.get(header::AGE)?.to_str().ok()?;
+    let member = first.split(',').next()?.trim();
+    delta_seconds(member).map(Duration::from_secs)
+}
+
 fn seconds(v: &Option<String>) -> Option<u64> {
     v.as_deref().and_then(delta_seconds)
 }
@@ -322,11 +331,16 @@ pub enum Decision {
 }
 
 /// Decides whether and how long a response may be stored by a shared cache.
+///
+/// `response_delay`: how long the origin took to answer since the request went out
+/// (RFC 9111 §4.2.3's response_time - request_time), added to the Age the origin
+/// sent, so the corrected initial age never makes a response younger than it is.
 pub fn decide(
     request_has_authorization: bool,
     resp: &ResponseHeader,
     policy: &CachePolicy,
     now: SystemTime,
+    response_delay: Duration,
 ) -> Decision {
     let (cc, targeted) = response_directives(&resp.headers, &policy.targeted);
     let has = |name: &str| cc.iter().any(|(k, _)| k == name);
@@ -414,17 +428,15 @@ pub fn decide(
         .max_ttl
         .map_or(lifetime, |cap| lifetime.min(cap))
         .min(Duration::from_secs(DELTA_SECONDS_MAX));
-    let age_header = resp
-        .headers
-        .get(header::AGE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| delta_seconds(v.trim()))
-        .map(Duration::from_secs)
-        .unwrap_or(Duration::ZERO);
+    // RFC 9111 §4.2.3: corrected_initial_age = max(apparent_age, age_value +
+    // response_delay)
+    let corrected_age = age_value(&resp.headers).map_or(Duration::ZERO, |a| a + response_delay);
     let apparent = date
         .and_then(|d| now.duration_since(d).ok())
         .unwrap_or(Duration::ZERO);
-    let age = age_header.max(apparent);
+    let age = corrected_age
+        .max(apparent)
+        .min(Duration::from_secs(DELTA_SECONDS_MAX));
     let created = now.checked_sub(age).unwrap_or(now);
     let fresh_until = if lifetime.is_zero() {
         // stored stale: every reuse is revalidated

@@ -69,6 +69,9 @@ pub struct Ctx {
     retry_after_secs: Option<u64>,
     /// When the request arrived (for the access log).
     arrived: std::time::SystemTime,
+    /// When the last upstream attempt was started (the request time of RFC 9111
+    /// §4.2.3's age calculation).
+    upstream_sent: std::time::SystemTime,
     /// The status the edge itself answered with, if it did.
     edge_status: Option<u16>,
     retry_after: bool,
@@ -186,6 +189,14 @@ impl Edge {
         });
         let value = policy::cache_status(outcome, ttl, stored, detail);
         let _ = resp.insert_header("cache-status", value);
+        // RFC 9111 §4: every response served from storage carries Age; pingora adds
+        // it to hits and stale answers, not to one just revalidated by a 304
+        if outcome == policy::Outcome::Revalidated && !resp.headers.contains_key(http::header::AGE)
+        {
+            if let Some(meta) = c.maybe_cache_meta() {
+                let _ = resp.insert_header(http::header::AGE, meta.age().as_secs());
+            }
+        }
         ctx.cache_outcome = Some(outcome);
     }
 
@@ -488,6 +499,7 @@ impl ProxyHttp for Edge {
             upgraded: false,
             retry_after_secs: None,
             arrived: std::time::SystemTime::now(),
+            upstream_sent: std::time::SystemTime::now(),
             edge_status: None,
             retry_after: false,
             edge_reason: None,
@@ -735,7 +747,10 @@ impl ProxyHttp for Edge {
             merged
         });
         let resp = updated.as_ref().unwrap_or(resp);
-        match policy::decide(auth, resp, policy, std::time::SystemTime::now()) {
+        let now = std::time::SystemTime::now();
+        // from when the request went upstream (at the latest: its arrival)
+        let delay = now.duration_since(ctx.upstream_sent).unwrap_or_default();
+        match policy::decide(auth, resp, policy, now, delay) {
             policy::Decision::Store {
                 fresh_until,
                 created,
@@ -818,6 +833,7 @@ impl ProxyHttp for Edge {
             .observe(waited.elapsed().as_secs_f64());
         self.metrics.upstream_requests.inc();
         ctx.attempts += 1;
+        ctx.upstream_sent = std::time::SystemTime::now();
         let server = &pool.servers[lease.index];
         let sni = if pool.tls.enabled {
             pool.sni_for(server)

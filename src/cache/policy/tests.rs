@@ -46,7 +46,7 @@ fn date(offset: i64) -> String {
 
 /// The freshness lifetime left, in seconds, or the reason for not storing.
 fn ttl(auth: bool, r: &ResponseHeader, p: &CachePolicy) -> Result<i64, &'static str> {
-    match decide(auth, r, p, now()) {
+    match decide(auth, r, p, now(), Duration::ZERO) {
         Decision::Store { fresh_until, .. } => Ok(match fresh_until.duration_since(now()) {
             Ok(d) => d.as_secs() as i64,
             Err(e) => -(e.duration().as_secs() as i64),
@@ -265,7 +265,7 @@ fn route_heuristic_and_ttl_cap_apply() {
 }
 
 fn stale_windows(r: &ResponseHeader, p: &CachePolicy) -> (u32, u32) {
-    match decide(false, r, p, now()) {
+    match decide(false, r, p, now(), Duration::ZERO) {
         Decision::Store {
             stale_while_revalidate,
             stale_if_error,
@@ -313,7 +313,7 @@ fn private_and_no_cache_field_lists_are_stripped_not_refused() {
             "max-age=60, private=\"X-User, X-Token\", no-cache=\"Set-Login\"",
         )],
     );
-    match decide(false, &r, &policy(), now()) {
+    match decide(false, &r, &policy(), now(), Duration::ZERO) {
         Decision::Store { strip, .. } => assert_eq!(strip, ["x-user", "x-token", "set-login"]),
         other => panic!("{other:?}"),
     }
@@ -442,7 +442,7 @@ fn huge_max_age_s_maxage_and_age_are_clamped_to_2_pow_31() {
         ],
     );
     assert!(matches!(
-        decide(false, &r, &p, now()),
+        decide(false, &r, &p, now(), Duration::ZERO),
         Decision::Store { .. }
     ));
     // a value that is not 1*DIGIT is no freshness at all
@@ -625,4 +625,26 @@ fn vary_matches_after_normalization() {
         v(&[("accept-language", "en, de;q=0.5, fr"), ("x-mode", "A")]),
         base
     );
+}
+
+/// RFC 9111 §4.2.3 and §5.1: the corrected initial age adds the response delay to
+/// Age; of a list the first member counts; an invalid Age is ignored.
+#[test]
+fn age_is_corrected_by_the_response_delay_and_parsed_as_the_rfc_says() {
+    let p = policy();
+    let left = |age: &str, delay: u64| {
+        let r = resp(200, &[("cache-control", "max-age=100"), ("age", age)]);
+        match decide(false, &r, &p, now(), Duration::from_secs(delay)) {
+            Decision::Store { fresh_until, .. } => {
+                fresh_until.duration_since(now()).map_or(0, |d| d.as_secs())
+            }
+            Decision::NoStore(why) => panic!("{why}"),
+        }
+    };
+    assert_eq!(left("10", 0), 90);
+    assert_eq!(left("10", 5), 85, "response delay counts");
+    assert_eq!(left("10, 50", 0), 90, "first member of a list");
+    for invalid in ["10a", "-10", "10;x=1", "abc", ""] {
+        assert_eq!(left(invalid, 0), 100, "{invalid:?} is ignored");
+    }
 }
