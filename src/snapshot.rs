@@ -380,6 +380,7 @@ fn cache_policy(c: &config::RouteCache) -> Option<CachePolicy> {
         heuristic_max: c.heuristic_max.get(),
         targeted: names(&c.targeted_cache_control),
         strip_targeted: c.strip_targeted_cache_control,
+        status_key: c.cache_status_key,
     })
 }
 

@@ -48,7 +48,7 @@ async fn a_fresh_response_is_served_from_the_cache_with_age() {
     let edge = Edge::start(&cached(&origin, "")).await;
     let first = get(&edge, "/fixed?cc=max-age%3D60", &[]).await;
     assert!(
-        status_of(&first).contains("fwd=miss; stored"),
+        status_of(&first).contains("fwd=uri-miss; stored"),
         "{}",
         status_of(&first)
     );

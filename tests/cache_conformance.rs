@@ -239,3 +239,43 @@ async fn age_counts_the_response_delay_and_the_origin_date_is_kept() {
         revalidated.headers()
     );
 }
+
+/// RFC 9211: Cache-Status on every response through a cache route says what the
+/// cache did: hit, fwd=uri-miss / vary-miss / request / method / stale, stored,
+/// ttl, and the key when the route's debug option is on.
+#[tokio::test]
+async fn cache_status_names_each_forward_reason() {
+    let origin = Origin::start("a").await;
+    let edge = Edge::start(&cached(&origin, "cache_status_key = true")).await;
+    let path = format!("/fixed?cc={}&vary=X-Mode", enc("max-age=60"));
+    let status = |headers: &'static [(&'static str, &'static str)]| {
+        let path = path.clone();
+        let edge = &edge;
+        async move {
+            let r = get(edge, &path, headers).await;
+            let cs = cache_status(&r);
+            r.bytes().await.unwrap();
+            cs
+        }
+    };
+    let first = status(&[("x-mode", "a")]).await;
+    assert!(first.contains("fwd=uri-miss; stored"), "{first}");
+    assert!(first.contains("key=\"http 127.0.0.1 /fixed?"), "{first}");
+    let hit = status(&[("x-mode", "a")]).await;
+    assert!(hit.contains("; hit; ttl="), "{hit}");
+    let vary = status(&[("x-mode", "b")]).await;
+    assert!(vary.contains("fwd=vary-miss; stored"), "{vary}");
+    let forced = status(&[("x-mode", "a"), ("cache-control", "no-cache")]).await;
+    assert!(forced.contains("fwd=request"), "{forced}");
+    let post = reqwest::Client::new()
+        .post(edge.url(&path))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cache_status(&post), "wingman-edge; fwd=method");
+    // without the debug option the key is not shown
+    let plain = Edge::start(&cached(&origin, "")).await;
+    let r = get(&plain, &path, &[("x-mode", "a")]).await;
+    assert!(!cache_status(&r).contains("key="), "{}", cache_status(&r));
+}

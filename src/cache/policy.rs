@@ -59,6 +59,8 @@ pub struct CachePolicy {
     pub targeted: Vec<HeaderName>,
     /// Remove the targeted fields from responses to clients.
     pub strip_targeted: bool,
+    /// Show the cache key in Cache-Status (a debug aid).
+    pub status_key: bool,
 }
 
 /// The key of a resource: scheme, host (as routing sees it: no port, no trailing
@@ -628,8 +630,14 @@ pub enum Outcome {
     StaleWhileRevalidate,
     /// Served stale because the origin failed.
     StaleIfError,
-    /// Not in storage; fetched.
+    /// Nothing stored for the URI; fetched.
     Miss,
+    /// Something stored for the URI, but no variant matches this request's
+    /// varying fields; fetched.
+    VaryMiss,
+    /// The client asked for revalidation (`no-cache`, `max-age=0`); fetched or
+    /// revalidated.
+    Request,
     /// In storage but expired; fetched again (or revalidated).
     Expired,
     /// Revalidated with the origin (304) and served from storage.
@@ -645,8 +653,8 @@ impl Outcome {
         match self {
             Outcome::Hit => "hit",
             Outcome::StaleWhileRevalidate | Outcome::StaleIfError => "stale",
-            Outcome::Miss => "miss",
-            Outcome::Expired | Outcome::Revalidated => "expired",
+            Outcome::Miss | Outcome::VaryMiss => "miss",
+            Outcome::Expired | Outcome::Revalidated | Outcome::Request => "expired",
             Outcome::Bypass => "bypass",
             Outcome::Uncacheable => "uncacheable",
         }
@@ -654,18 +662,28 @@ impl Outcome {
 }
 
 /// The `Cache-Status` value (RFC 9211) for an outcome.
+///
+/// `key`: the cache key, shown only when the route's `cache_status_key` debug
+/// option is on (it may hold header and cookie values).
 pub fn cache_status(
     outcome: Outcome,
     ttl_secs: Option<i64>,
     stored: bool,
     detail: Option<&str>,
+    key: Option<&str>,
 ) -> String {
     let mut s = String::from("wingman-edge");
     match outcome {
         Outcome::Hit => s.push_str("; hit"),
-        Outcome::StaleWhileRevalidate => s.push_str("; hit; detail=stale-while-revalidate"),
-        Outcome::StaleIfError => s.push_str("; hit; detail=stale-if-error"),
-        Outcome::Miss => s.push_str("; fwd=miss"),
+        // served stale: marked so (RFC 5861 answers; no Warning, which RFC 9111
+        // obsoletes)
+        Outcome::StaleWhileRevalidate => {
+            s.push_str("; hit; fwd=stale; detail=stale-while-revalidate")
+        }
+        Outcome::StaleIfError => s.push_str("; hit; fwd=stale; detail=stale-if-error"),
+        Outcome::Miss => s.push_str("; fwd=uri-miss"),
+        Outcome::VaryMiss => s.push_str("; fwd=vary-miss"),
+        Outcome::Request => s.push_str("; fwd=request"),
         Outcome::Expired => s.push_str("; fwd=stale"),
         Outcome::Revalidated => s.push_str("; fwd=stale; fwd-status=304"),
         Outcome::Bypass => s.push_str("; fwd=bypass"),
@@ -676,6 +694,24 @@ pub fn cache_status(
     }
     if stored {
         s.push_str("; stored");
+    }
+    if let Some(k) = key {
+        // an sf-string holds printable ASCII only: the key's separators become
+        // spaces and commas
+        s.push_str("; key=\"");
+        for ch in k.chars() {
+            match ch {
+                '\n' => s.push(' '),
+                '\u{1f}' => s.push(','),
+                '"' | '\\' => {
+                    s.push('\\');
+                    s.push(ch);
+                }
+                c if (' '..='~').contains(&c) => s.push(c),
+                _ => s.push('?'),
+            }
+        }
+        s.push('"');
     }
     if let Some(d) = detail {
         if !matches!(

@@ -535,6 +535,19 @@ impl EdgeStorage {
         self.purge_matching(primary, true)
     }
 
+    /// Whether any object (any Vary variant) is stored under `primary`, in either
+    /// tier: tells a vary-miss from a uri-miss (RFC 9211).
+    pub fn has_primary(&self, primary: &str) -> bool {
+        let mut found = HashSet::new();
+        self.mem.lock().by_primary.exact(primary, &mut found);
+        if found.is_empty() {
+            if let Some(d) = &self.disk {
+                d.collect(primary, true, &mut found);
+            }
+        }
+        !found.is_empty()
+    }
+
     /// Counters for metrics.
     pub fn stats(&self) -> StorageStats {
         let mut s = {

@@ -82,6 +82,11 @@ impl CacheStore {
         self.edge.purge_prefix(prefix)
     }
 
+    /// Whether some variant of `primary` is stored.
+    pub fn has_primary(&self, primary: &str) -> bool {
+        self.edge.has_primary(primary)
+    }
+
     pub fn stats(&self) -> StoreStats {
         let s = self.edge.stats();
         StoreStats {

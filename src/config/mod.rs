@@ -526,6 +526,9 @@ pub struct RouteCache {
     /// Remove those fields from responses to clients (they are meant for caches).
     #[serde(default)]
     pub strip_targeted_cache_control: bool,
+    /// Debug aid: show the cache key in Cache-Status (`key="..."`).
+    #[serde(default)]
+    pub cache_status_key: bool,
 }
 
 impl Default for RouteCache {
@@ -547,6 +550,7 @@ impl Default for RouteCache {
             heuristic_max: default_heuristic_max(),
             targeted_cache_control: default_targeted_cache_control(),
             strip_targeted_cache_control: false,
+            cache_status_key: false,
         }
     }
 }

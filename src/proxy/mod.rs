@@ -105,6 +105,12 @@ pub struct Ctx {
     /// The origin's 304 to a revalidation, whose fields update the stored response
     /// (RFC 9111 §4.3.4) when `response_cache_filter` sees the merged header.
     cache_304: Option<Box<ResponseHeader>>,
+    /// The client's request directives forced a fresh stored response to be
+    /// revalidated (Cache-Status `fwd=request`).
+    cache_forced: bool,
+    /// Some variant of this request's primary key was stored when the request
+    /// arrived (a miss is then a vary-miss).
+    cache_uri_stored: bool,
 }
 
 impl Ctx {
@@ -162,6 +168,8 @@ impl Edge {
         let c = &session.cache;
         let (outcome, ttl) = if ctx.cache_bypassed {
             (policy::Outcome::Bypass, None)
+        } else if ctx.cache_forced {
+            (policy::Outcome::Request, ttl(c))
         } else {
             match c.phase() {
                 CachePhase::Hit => (policy::Outcome::Hit, ttl(c)),
@@ -174,20 +182,37 @@ impl Edge {
                 CachePhase::Miss if ctx.cache_uncacheable.is_some() => {
                     (policy::Outcome::Uncacheable, None)
                 }
-                CachePhase::Miss => (policy::Outcome::Miss, None),
+                CachePhase::Miss => {
+                    // something was stored for the URI, but no variant matched
+                    let miss = if ctx.cache_uri_stored {
+                        policy::Outcome::VaryMiss
+                    } else {
+                        policy::Outcome::Miss
+                    };
+                    (miss, None)
+                }
                 _ => (policy::Outcome::Uncacheable, None),
             }
         };
         let stored = ctx.cache_stored
             && matches!(
                 outcome,
-                policy::Outcome::Miss | policy::Outcome::Expired | policy::Outcome::Revalidated
+                policy::Outcome::Miss
+                    | policy::Outcome::VaryMiss
+                    | policy::Outcome::Request
+                    | policy::Outcome::Expired
+                    | policy::Outcome::Revalidated
             );
         let detail = ctx.cache_uncacheable.or(match c.phase() {
             CachePhase::Disabled(reason) => Some(reason.as_str()),
             _ => None,
         });
-        let value = policy::cache_status(outcome, ttl, stored, detail);
+        let key = ctx
+            .route()
+            .and_then(|r| r.cache.as_ref())
+            .filter(|p| p.status_key)
+            .and(ctx.cache_key.as_deref());
+        let value = policy::cache_status(outcome, ttl, stored, detail, key);
         let _ = resp.insert_header("cache-status", value);
         // RFC 9111 §4: every response served from storage carries Age; pingora adds
         // it to hits and stale answers, not to one just revalidated by a 304
@@ -518,6 +543,8 @@ impl ProxyHttp for Edge {
             cache_key: None,
             cache_outcome: None,
             cache_304: None,
+            cache_forced: false,
+            cache_uri_stored: false,
         }
     }
 
@@ -651,9 +678,10 @@ impl ProxyHttp for Edge {
     }
 
     fn request_cache_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        let snap = ctx.snap.clone();
         let (Some(store), Some(policy)) = (
             self.cache,
-            ctx.route.and_then(|i| ctx.snap.routes[i].cache.as_ref()),
+            ctx.route.and_then(|i| snap.routes[i].cache.as_ref()),
         ) else {
             return Ok(());
         };
@@ -680,6 +708,11 @@ impl ProxyHttp for Edge {
             .cache
             .set_max_file_size_bytes(store.max_object_bytes);
         ctx.cache_enabled = true;
+        let req = session.req_header();
+        let host = headers::request_host(req).unwrap_or("");
+        let key = policy::primary_key(scheme(session), host, req, policy);
+        ctx.cache_uri_stored = store.has_primary(&key);
+        ctx.cache_key = Some(key);
         Ok(())
     }
 
@@ -688,10 +721,16 @@ impl ProxyHttp for Edge {
             .route
             .and_then(|i| ctx.snap.routes[i].cache.as_ref())
             .ok_or_else(|| edge_error(500, "cache enabled without a cache policy"))?;
-        let req = session.req_header();
-        let host = headers::request_host(req).unwrap_or("");
-        let key = policy::primary_key(scheme(session), host, req, policy);
-        ctx.cache_key = Some(key.clone());
+        let key = match &ctx.cache_key {
+            Some(k) => k.clone(),
+            None => {
+                let req = session.req_header();
+                let host = headers::request_host(req).unwrap_or("");
+                let key = policy::primary_key(scheme(session), host, req, policy);
+                ctx.cache_key = Some(key.clone());
+                key
+            }
+        };
         Ok(CacheKey::new(key, ""))
     }
 
@@ -717,10 +756,11 @@ impl ProxyHttp for Edge {
         _meta: &CacheMeta,
         _hit_handler: &mut HitHandler,
         is_fresh: bool,
-        _ctx: &mut Ctx,
+        ctx: &mut Ctx,
     ) -> Result<Option<ForcedFreshness>> {
         // a client asking for revalidation gets it (and no stale answer)
         if is_fresh && policy::request_wants_revalidation(session.req_header()) {
+            ctx.cache_forced = true;
             return Ok(Some(ForcedFreshness::ForceExpired));
         }
         Ok(None)
@@ -979,6 +1019,9 @@ impl ProxyHttp for Edge {
         let status = resp.status.as_u16();
         if ctx.cache_enabled || ctx.cache_bypassed {
             self.cache_status(session, resp, ctx);
+        } else if r.cache.is_some() && self.cache.is_some() {
+            // a method the cache does not serve (RFC 9211 fwd=method)
+            let _ = resp.insert_header("cache-status", "wingman-edge; fwd=method");
         }
         if let Some(policy) = r.cache.as_ref().filter(|p| p.strip_targeted) {
             for name in &policy.targeted {

@@ -454,12 +454,11 @@ impl Edge {
     }
 
     pub async fn metrics_text(&self) -> String {
-        reqwest::get(self.admin_url("/metrics"))
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics body")
+        match reqwest::get(self.admin_url("/metrics")).await {
+            Ok(r) => r.text().await.expect("metrics body"),
+            // the edge is gone or its admin listener is: show why
+            Err(e) => panic!("metrics: {e}\nedge log:\n{}", self.log()),
+        }
     }
 
     /// The value of one series, written as in the exposition (`name{a="b"}`).

@@ -20,6 +20,7 @@ fn policy() -> CachePolicy {
             HeaderName::from_static("cdn-cache-control"),
         ],
         strip_targeted: false,
+        status_key: false,
     }
 }
 
@@ -398,20 +399,41 @@ fn variance_uses_the_negotiated_coding_for_accept_encoding() {
 #[test]
 fn cache_status_values() {
     assert_eq!(
-        cache_status(Outcome::Hit, Some(42), false, None),
+        cache_status(Outcome::Hit, Some(42), false, None, None),
         "wingman-edge; hit; ttl=42"
     );
+    // RFC 9211 forward reasons: uri-miss, vary-miss, request
     assert_eq!(
-        cache_status(Outcome::Miss, None, true, None),
-        "wingman-edge; fwd=miss; stored"
+        cache_status(Outcome::Miss, None, true, None, None),
+        "wingman-edge; fwd=uri-miss; stored"
     );
     assert_eq!(
-        cache_status(Outcome::Uncacheable, None, false, Some("set-cookie")),
+        cache_status(Outcome::VaryMiss, None, true, None, None),
+        "wingman-edge; fwd=vary-miss; stored"
+    );
+    assert_eq!(
+        cache_status(Outcome::Request, None, true, None, None),
+        "wingman-edge; fwd=request; stored"
+    );
+    assert_eq!(
+        cache_status(Outcome::Uncacheable, None, false, Some("set-cookie"), None),
         "wingman-edge; fwd=uri-miss; detail=set-cookie"
     );
+    // stale answers are marked fwd=stale
     assert_eq!(
-        cache_status(Outcome::StaleIfError, Some(-3), false, None),
-        "wingman-edge; hit; detail=stale-if-error; ttl=-3"
+        cache_status(Outcome::StaleIfError, Some(-3), false, None, None),
+        "wingman-edge; hit; fwd=stale; detail=stale-if-error; ttl=-3"
+    );
+    // the key, as an sf-string, when the debug option is on
+    assert_eq!(
+        cache_status(
+            Outcome::Hit,
+            None,
+            false,
+            None,
+            Some("http\na\n/p?q=\"1\"\nx=y\u{1f}")
+        ),
+        "wingman-edge; hit; key=\"http a /p?q=\\\"1\\\" x=y,\""
     );
 }
 
