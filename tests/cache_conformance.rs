@@ -279,3 +279,137 @@ async fn cache_status_names_each_forward_reason() {
     let r = get(&plain, &path, &[("x-mode", "a")]).await;
     assert!(!cache_status(&r).contains("key="), "{}", cache_status(&r));
 }
+
+/// An origin on a raw socket that answers every request with `answer` (then keeps
+/// the connection for the next one). Returns its address and a request counter.
+type Counter = std::sync::Arc<std::sync::atomic::AtomicUsize>;
+
+async fn raw_origin(answer: &'static [u8]) -> (std::net::SocketAddr, Counter) {
+    raw_origin_answering(answer, usize::MAX).await
+}
+
+/// Like [`raw_origin`], answering only the first `answered` requests; after them it
+/// reads each request and closes the connection without a byte.
+async fn raw_origin_answering(
+    answer: &'static [u8],
+    answered: usize,
+) -> (std::net::SocketAddr, Counter) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if n >= answered {
+                            return; // close without answering
+                        }
+                        if s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, count)
+}
+
+/// RFC 9110 §15.2: interim responses (here 103 Early Hints) reach the client
+/// before the final response, and are never stored or merged into it: a hit has
+/// neither the 103 nor its Link field.
+#[tokio::test]
+async fn early_hints_are_forwarded_in_order_and_never_stored() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (addr, count) = raw_origin(
+        b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\nCache-Control: max-age=60\r\n\r\nok",
+    )
+    .await;
+    let body = format!(
+        "[[upstreams]]\nname = \"app\"\nservers = [{{ address = \"{addr}\" }}]\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n[routes.cache]\nenabled = true\n"
+    );
+    let edge = Edge::start(&body).await;
+    let exchange = || async {
+        let mut s = tokio::net::TcpStream::connect(edge.addr()).await.unwrap();
+        s.write_all(b"GET /page HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let first = exchange().await;
+    assert!(first.starts_with("HTTP/1.1 103"), "{first}");
+    let final_at = first
+        .find("HTTP/1.1 200")
+        .unwrap_or_else(|| panic!("{first}"));
+    assert!(
+        first[..final_at]
+            .to_ascii_lowercase()
+            .contains("link: </style.css>"),
+        "{first}"
+    );
+    assert!(
+        !first[final_at..].to_ascii_lowercase().contains("link:"),
+        "merged: {first}"
+    );
+    let hit = exchange().await;
+    assert!(hit.starts_with("HTTP/1.1 200"), "{hit}");
+    assert!(
+        hit.to_ascii_lowercase()
+            .contains("cache-status: wingman-edge; hit"),
+        "{hit}"
+    );
+    assert!(!hit.to_ascii_lowercase().contains("link:"), "{hit}");
+    assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+/// RFC 5861 §4 / RFC 9111 §4.2.4: within stale-if-error, an origin that closes the
+/// connection without answering gets the stored response, marked stale.
+#[tokio::test]
+async fn stale_if_error_covers_an_origin_that_closes_without_answering() {
+    let (addr, count) = raw_origin_answering(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nCache-Control: max-age=1, stale-if-error=60\r\n\r\nok",
+        1,
+    )
+    .await;
+    let body = format!(
+        "[[upstreams]]\nname = \"app\"\nservers = [{{ address = \"{addr}\" }}]\n[upstreams.passive]\nconsecutive_failures = 0\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n[routes.cache]\nenabled = true\n"
+    );
+    let edge = Edge::start(&body).await;
+    get(&edge, "/p", &[]).await.bytes().await.unwrap();
+    // poll until the stored response is stale: then the origin only hangs up
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let stale = loop {
+        let r = get(&edge, "/p", &[]).await;
+        if !cache_status(&r).contains("; hit; ttl=") {
+            break r;
+        }
+        r.bytes().await.unwrap();
+        assert!(std::time::Instant::now() < deadline, "never went stale");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(stale.status(), 200);
+    let cs = cache_status(&stale);
+    assert!(
+        cs.contains("fwd=stale") && cs.contains("stale-if-error"),
+        "{cs}"
+    );
+    assert_eq!(stale.bytes().await.unwrap(), "ok");
+    assert!(
+        count.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "the origin was asked"
+    );
+}

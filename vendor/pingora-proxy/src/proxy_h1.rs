@@ -438,6 +438,21 @@ where
         }
 
         if !serve_from_cache.should_send_to_downstream() {
+            // wingman-edge patch: interim responses (100, 102, 103) that came in the
+            // same batch as the final header that turned the cache on still go to the
+            // client, in order, before the response served from the cache
+            // (RFC 9110 §15.2); they are never part of what the cache stores
+            let interim: Vec<HttpTask> = filtered_tasks
+                .into_iter()
+                .filter(|t| {
+                    matches!(t, HttpTask::Header(h, _)
+                        if h.status.is_informational()
+                            && h.status != http::StatusCode::SWITCHING_PROTOCOLS)
+                })
+                .collect();
+            if !interim.is_empty() {
+                session.write_response_tasks(interim).await?;
+            }
             // TODO: need to derive response_done from filtered_tasks in case downstream failed already
             return Ok(None);
         }
