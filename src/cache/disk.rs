@@ -43,7 +43,7 @@
 //! Each file is charged its length rounded up to 4 KiB (a filesystem block), so the number of
 //! indexed files, and with it the RAM used by the index, is at most `max_bytes / 4096`.
 
-use super::storage::{BinaryMeta, PrimaryIndex};
+use super::index::{BinaryMeta, PrimaryIndex};
 use bytes::Bytes;
 use lru::LruCache;
 use parking_lot::Mutex;

@@ -55,6 +55,7 @@
 //! object to memory. Purges remove from both tiers; file unlinks happen on blocking threads.
 
 use super::disk::{self, DiskObject, DiskTier, StoreCond};
+pub(crate) use super::index::{BinaryMeta, PrimaryIndex};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use lru::LruCache;
@@ -69,9 +70,8 @@ use pingora::cache::{
     PurgeType, Storage,
 };
 use std::any::Any;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::io;
-use std::ops::Bound;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -93,9 +93,6 @@ const SMALL_CHUNK: usize = 1024;
 const COALESCE_LIMIT: usize = 4096;
 /// Complete hits are returned in slices of at most this many bytes.
 const READ_CHUNK: usize = 64 * 1024;
-
-/// Serialized [`CacheMeta`]: `CacheMeta::serialize()` output.
-pub(crate) type BinaryMeta = (Vec<u8>, Vec<u8>);
 
 /// Storage configuration. Read once, at startup: a config reload must not recreate the
 /// storage (pingora holds `&'static` references to it).
@@ -226,48 +223,6 @@ pub struct StorageStats {
     pub disk_rejected: u64,
     /// Disk I/O errors.
     pub disk_errors: u64,
-}
-
-/// Index from primary key strings to the hashes stored under them (one per Vary variant).
-#[derive(Default)]
-pub(crate) struct PrimaryIndex {
-    map: BTreeMap<Arc<str>, Vec<HashBinary>>,
-}
-
-impl PrimaryIndex {
-    pub(crate) fn insert(&mut self, primary: &Arc<str>, hash: HashBinary) {
-        let v = self.map.entry(primary.clone()).or_default();
-        if !v.contains(&hash) {
-            v.push(hash);
-        }
-    }
-
-    pub(crate) fn remove(&mut self, primary: &str, hash: &HashBinary) {
-        if let Some(v) = self.map.get_mut(primary) {
-            v.retain(|h| h != hash);
-            if v.is_empty() {
-                self.map.remove(primary);
-            }
-        }
-    }
-
-    pub(crate) fn with_prefix(&self, prefix: &str, out: &mut HashSet<HashBinary>) {
-        for (k, v) in self
-            .map
-            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
-        {
-            if !k.starts_with(prefix) {
-                break;
-            }
-            out.extend(v.iter().copied());
-        }
-    }
-
-    pub(crate) fn exact(&self, primary: &str, out: &mut HashSet<HashBinary>) {
-        if let Some(v) = self.map.get(primary) {
-            out.extend(v.iter().copied());
-        }
-    }
 }
 
 /// A committed object.
