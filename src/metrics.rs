@@ -25,6 +25,9 @@ pub struct Metrics {
     pub connect_failures: IntCounterVec,
     pub retries: IntCounterVec,
     pub ejections: IntCounterVec,
+    pub ejections_refused: IntCounterVec,
+    pub panic: IntCounterVec,
+    pool_panic: IntGaugeVec,
     pub health_changes: IntCounterVec,
     pub queue_rejections: IntCounterVec,
     pub websockets_active: IntGauge,
@@ -102,6 +105,21 @@ impl Metrics {
                 "wingman_edge_upstream_ejections_total",
                 "Servers ejected by passive failure tracking",
                 &["pool", "server"]
+            )),
+            ejections_refused: reg!(counter(
+                "wingman_edge_upstream_ejections_refused_total",
+                "Ejections not done because the server was its pool's last available one",
+                &["pool", "server"]
+            )),
+            panic: reg!(counter(
+                "wingman_edge_upstream_panic_total",
+                "Attempts balanced across every server of a pool because too few were available (panic mode)",
+                &["pool"]
+            )),
+            pool_panic: reg!(gauge(
+                "wingman_edge_upstream_pool_panic",
+                "1 while a pool is in panic mode (fewer servers available than panic_threshold)",
+                &["pool"]
             )),
             health_changes: reg!(counter(
                 "wingman_edge_upstream_health_changes_total",
@@ -243,6 +261,7 @@ impl Metrics {
         self.server_in_flight.reset();
         self.pool_in_flight.reset();
         self.pool_queued.reset();
+        self.pool_panic.reset();
         for pool in &snap.pools {
             for s in &pool.servers {
                 let l = [pool.name.as_str(), s.label.as_str()];
@@ -259,6 +278,9 @@ impl Metrics {
             self.pool_queued
                 .with_label_values(&[pool.name.as_str()])
                 .set(pool.state.queued() as i64);
+            self.pool_panic
+                .with_label_values(&[pool.name.as_str()])
+                .set(pool.in_panic() as i64);
         }
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {

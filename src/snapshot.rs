@@ -223,7 +223,8 @@ impl Snapshot {
                     u.passive.ejection_time.get(),
                     registry.pool(&u.name),
                 )
-                .with_tls(upstream_tls),
+                .with_tls(upstream_tls)
+                .with_panic_threshold(u.panic_threshold),
             );
         }
         let mut routes = Vec::new();

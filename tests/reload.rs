@@ -15,6 +15,7 @@ fn route_to(pool: &str, a: &Origin, b: &Origin, extra: &str) -> String {
 [[upstreams]]
 name = "a"
 servers = {a}
+panic_threshold = 0
 [upstreams.health_check]
 interval = "100ms"
 timeout = "500ms"

@@ -334,6 +334,11 @@ pub struct Upstream {
     pub health_check: Option<HealthCheck>,
     #[serde(default)]
     pub passive: PassiveHealth,
+    /// Panic mode, in percent: when fewer of the pool's servers than this are
+    /// available (healthy and not ejected), requests are balanced across all of them
+    /// again (0: never).
+    #[serde(default = "default_panic_threshold")]
+    pub panic_threshold: u8,
     /// Talk TLS to the servers.
     #[serde(default)]
     pub tls: bool,
@@ -747,6 +752,9 @@ fn default_expected_status() -> String {
 }
 fn default_consecutive_failures() -> u32 {
     5
+}
+fn default_panic_threshold() -> u8 {
+    50
 }
 fn default_ejection_time() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))

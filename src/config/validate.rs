@@ -318,6 +318,12 @@ pub fn validate(c: &Config) -> Vec<(KeyPath, String)> {
                 }
             }
         }
+        if u.panic_threshold > 100 {
+            out.push((
+                up.key("panic_threshold"),
+                "must be 0 to 100 (percent)".into(),
+            ));
+        }
         if u.passive.consecutive_failures > 0 && u.passive.ejection_time.get().is_zero() {
             out.push((
                 up.key("passive").key("ejection_time"),

@@ -137,21 +137,28 @@ impl Edge {
         let (Some(lease), Some(pool)) = (&ctx.lease, ctx.pool()) else {
             return;
         };
-        if lease
-            .server
-            .record_failure(pool.eject_after, pool.ejection_time)
-        {
-            let label = &pool.servers[lease.index].label;
-            log::warn!(
-                "pool {} server {label} ejected for {:?}",
-                pool.name,
-                pool.ejection_time
-            );
-            self.metrics
-                .ejections
-                .with_label_values(&[pool.name.as_str(), label.as_str()])
-                .inc();
-        }
+        let label = &pool.servers[lease.index].label;
+        let counter = match pool.record_failure(lease.index) {
+            crate::upstream::Failure::Counted => return,
+            crate::upstream::Failure::Ejected => {
+                log::warn!(
+                    "pool {} server {label} ejected for {:?}",
+                    pool.name,
+                    pool.ejection_time
+                );
+                &self.metrics.ejections
+            }
+            crate::upstream::Failure::KeptLast => {
+                log::warn!(
+                    "pool {} server {label} failing but not ejected: no other server is available",
+                    pool.name
+                );
+                &self.metrics.ejections_refused
+            }
+        };
+        counter
+            .with_label_values(&[pool.name.as_str(), label.as_str()])
+            .inc();
     }
 
     /// Sets `Cache-Status` (RFC 9211) and notes the outcome for metrics.
@@ -872,6 +879,9 @@ impl ProxyHttp for Edge {
             .queue_wait
             .observe(waited.elapsed().as_secs_f64());
         self.metrics.upstream_requests.inc();
+        if lease.panic {
+            self.metrics.panic.with_label_values(&[&pool.name]).inc();
+        }
         ctx.attempts += 1;
         ctx.upstream_sent = std::time::SystemTime::now();
         let server = &pool.servers[lease.index];
