@@ -19,6 +19,12 @@
 //! Memory is bounded: the table is split into shards by a keyed hash of the key
 //! (so concurrent requests rarely contend), and each shard is an LRU of fixed size,
 //! so at most `max_keys` keys are tracked however many clients an attacker brings.
+//! A key is stored as a fixed-size digest, never as the bytes the client sent (a
+//! header or cookie value can be tens of KiB): 128 bits from two SipHash-1-3
+//! hashers with independent random per-process keys (std's `RandomState`). Two keys
+//! share a bucket only if both digests collide, which nobody can aim for without the
+//! process's secret keys, and which happens by chance with a probability around
+//! `max_keys² / 2¹²⁹`.
 //! A key that is evicted, or never seen, starts with a full bucket: eviction can
 //! only ever let a client through, never deny one. The price is that an attacker
 //! who cycles through more than `max_keys` keys between two requests of an abusive
@@ -90,17 +96,19 @@ impl Decision {
     }
 }
 
-/// One LRU shard: key -> theoretical arrival time (ns since the limiter's epoch).
-type Shard = LruCache<Box<[u8]>, u64, RandomState>;
+/// One LRU shard: key digest -> theoretical arrival time (ns since the limiter's
+/// epoch).
+type Shard = LruCache<u128, u64, RandomState>;
 
 /// Token buckets keyed by arbitrary bytes, with a fixed bound on the number of keys.
 ///
 /// Shared by all request threads (`&self` everywhere); wrap it in an `Arc`.
 pub struct RateLimiter {
     shards: Box<[Mutex<Shard>]>,
-    /// Picks the shard. Seeded independently of the shards' own hashers, so the keys
-    /// of one shard are not clustered inside its table.
-    shard_hasher: RandomState,
+    /// The two halves of a key's digest; the first also picks the shard. Seeded
+    /// independently of the shards' own hashers, so the keys of one shard are not
+    /// clustered inside its table.
+    digest: (RandomState, RandomState),
     /// Time one token takes to refill (1 / rate), in ns, at least 1.
     interval_ns: u64,
     /// How far ahead of now a key's next arrival time may be: `burst * interval`.
@@ -151,7 +159,7 @@ impl RateLimiter {
         let tolerance_ns = interval_ns.saturating_mul(u64::from(burst));
         Ok(RateLimiter {
             shards,
-            shard_hasher: RandomState::new(),
+            digest: (RandomState::new(), RandomState::new()),
             interval_ns,
             tolerance_ns,
             epoch: Instant::now(),
@@ -170,9 +178,9 @@ impl RateLimiter {
     pub fn check(&self, key: &[u8], now: Instant) -> Decision {
         let now_ns =
             u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX);
-        let shard = &self.shards[self.shard_of(key)];
-        let mut table = shard.lock();
-        match table.get_mut(key) {
+        let (shard, digest) = self.locate(key);
+        let mut table = self.shards[shard].lock();
+        match table.get_mut(&digest) {
             Some(tat) => {
                 let next = (*tat).max(now_ns);
                 let ahead = next - now_ns;
@@ -188,7 +196,7 @@ impl RateLimiter {
             None => {
                 // A new key has a full bucket; this request takes its first token.
                 // `push` evicts the shard's least recently used key when full.
-                table.push(Box::from(key), now_ns.saturating_add(self.interval_ns));
+                table.push(digest, now_ns.saturating_add(self.interval_ns));
                 Decision::Allow
             }
         }
@@ -220,9 +228,13 @@ impl RateLimiter {
         self.burst
     }
 
-    fn shard_of(&self, key: &[u8]) -> usize {
+    /// The shard of `key` and the digest it is stored under.
+    fn locate(&self, key: &[u8]) -> (usize, u128) {
+        let hi = self.digest.0.hash_one(key);
+        let lo = self.digest.1.hash_one(key);
         // The shard count is a power of two.
-        (self.shard_hasher.hash_one(key) as usize) & (self.shards.len() - 1)
+        let shard = (hi as usize) & (self.shards.len() - 1);
+        (shard, (u128::from(hi) << 64) | u128::from(lo))
     }
 }
 
