@@ -34,7 +34,6 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::net::{IpAddr, SocketAddr};
-use std::num::NonZeroUsize;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,7 +53,7 @@ const MAX_SHARDS: usize = 64;
 pub enum LimitConfigError {
     #[error("rate must be a finite number of requests per second above 0, got {0}")]
     Rate(f64),
-    #[error("max_keys must be at least 1")]
+    #[error("max_keys must be 1 to {}", crate::config::bounds::RATE_LIMIT_KEYS)]
     MaxKeys,
     #[error("the connection limit per client must be at least 1")]
     MaxConns,
@@ -114,6 +113,8 @@ pub struct RateLimiter {
     /// How far ahead of now a key's next arrival time may be: `burst * interval`.
     tolerance_ns: u64,
     epoch: Instant,
+    /// Keys one shard holds at most.
+    per_shard: usize,
     capacity: usize,
     rate: f64,
     burst: u32,
@@ -140,7 +141,7 @@ impl RateLimiter {
         if !(rate.is_finite() && rate > 0.0) {
             return Err(LimitConfigError::Rate(rate));
         }
-        if max_keys == 0 {
+        if max_keys == 0 || max_keys > crate::config::bounds::RATE_LIMIT_KEYS {
             return Err(LimitConfigError::MaxKeys);
         }
         // Power-of-two shard count, no more shards than keys.
@@ -150,9 +151,13 @@ impl RateLimiter {
             1 << (usize::BITS - 1 - max_keys.leading_zeros())
         };
         let per_shard = max_keys / shard_count;
-        let per_shard_nz = NonZeroUsize::new(per_shard).ok_or(LimitConfigError::MaxKeys)?;
+        if per_shard == 0 {
+            return Err(LimitConfigError::MaxKeys);
+        }
+        // Unbounded tables held to `per_shard` by `check`: a table grows with the keys
+        // actually seen instead of being allocated for `max_keys` up front.
         let shards = (0..shard_count)
-            .map(|_| Mutex::new(LruCache::with_hasher(per_shard_nz, RandomState::new())))
+            .map(|_| Mutex::new(LruCache::unbounded_with_hasher(RandomState::new())))
             .collect();
         // Float to integer casts saturate, so extreme rates stay well defined.
         let interval_ns = ((1e9 / rate).round() as u64).max(1);
@@ -163,6 +168,7 @@ impl RateLimiter {
             interval_ns,
             tolerance_ns,
             epoch: Instant::now(),
+            per_shard,
             capacity: per_shard * shard_count,
             rate,
             burst,
@@ -195,7 +201,10 @@ impl RateLimiter {
             }
             None => {
                 // A new key has a full bucket; this request takes its first token.
-                // `push` evicts the shard's least recently used key when full.
+                // A full shard forgets its least recently used key first.
+                if table.len() >= self.per_shard {
+                    table.pop_lru();
+                }
                 table.push(digest, now_ns.saturating_add(self.interval_ns));
                 Decision::Allow
             }

@@ -90,6 +90,53 @@ async fn reload_keeps_old_config_when_new_one_is_invalid() {
 }
 
 #[tokio::test]
+async fn a_reload_with_sizes_past_their_bounds_keeps_the_old_config() {
+    let a = Origin::start("a").await;
+    let b = Origin::start("b").await;
+    let edge = Edge::start(&route_to("a", &a, &b, "")).await;
+    // each of these would have sized an allocation the process cannot make
+    let huge = [
+        "[routes.rate_limit]\nrate = 1.0\nmax_keys = 10000000000000",
+        "[routes.rate_limit]\nrate = 1.0\nmax_keys = 100000000",
+    ];
+    for (i, extra) in huge.iter().enumerate() {
+        edge.write_config(&route_to("b", &a, &b, extra));
+        edge.sighup();
+        edge.wait_metric(
+            "wingman_edge_config_reloads_total{result=\"error\"}",
+            (i + 1) as f64,
+        )
+        .await;
+        assert_eq!(body_of(&edge).await, "a", "the old config still serves");
+    }
+    let hash_pool = route_to("b", &a, &b, "")
+        .replace(
+            "name = \"b\"\nservers = ",
+            "name = \"b\"\nalgorithm = \"hash\"\nservers = ",
+        )
+        .replace(
+            &format!("{{ address = \"{}\" }}", b.addr),
+            &format!("{{ address = \"{}\", weight = 4000000000 }}", b.addr),
+        );
+    assert!(hash_pool.contains("weight = 4000000000"), "{hash_pool}");
+    edge.write_config(&hash_pool);
+    edge.sighup();
+    edge.wait_metric("wingman_edge_config_reloads_total{result=\"error\"}", 3.0)
+        .await;
+    assert_eq!(body_of(&edge).await, "a");
+    assert!(
+        edge.log()
+            .contains("upstreams[1].servers[0].weight: must be at most"),
+        "the log names the problem:\n{}",
+        edge.log()
+    );
+    assert_eq!(
+        edge.metric("wingman_edge_config_generation").await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
 async fn a_server_that_stays_keeps_its_health_across_a_reload() {
     let a = Origin::start("a").await;
     let b = Origin::start("b").await;

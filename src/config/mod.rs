@@ -30,7 +30,7 @@ pub use duration::HumanDuration;
 pub use locate::{KeyPath, Segment};
 pub use size::ByteSize;
 pub use validate::{
-    check_host_pattern, parse_hash_on, parse_server_address, parse_status_set, HashOn,
+    bounds, check_host_pattern, parse_hash_on, parse_server_address, parse_status_set, HashOn,
     ServerAddress, StatusSet,
 };
 
