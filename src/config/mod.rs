@@ -170,6 +170,12 @@ pub struct ServerSection {
     /// Where buffered bodies larger than their memory limit are spooled.
     #[serde(default = "default_temp_dir")]
     pub temp_dir: PathBuf,
+    /// Memory for buffered request and response bodies, all requests together.
+    #[serde(default = "default_buffer_memory")]
+    pub buffer_memory: ByteSize,
+    /// Temporary file space for buffered bodies, all requests together.
+    #[serde(default = "default_buffer_disk")]
+    pub buffer_disk: ByteSize,
 }
 
 impl Default for ServerSection {
@@ -183,6 +189,8 @@ impl Default for ServerSection {
             upstream_keepalive_pool_size: default_upstream_keepalive_pool_size(),
             upstream_ca_file: None,
             temp_dir: default_temp_dir(),
+            buffer_memory: default_buffer_memory(),
+            buffer_disk: default_buffer_disk(),
         }
     }
 }
@@ -758,6 +766,12 @@ fn default_panic_threshold() -> u8 {
 }
 fn default_ejection_time() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
+}
+fn default_buffer_memory() -> ByteSize {
+    ByteSize(256 << 20)
+}
+fn default_buffer_disk() -> ByteSize {
+    ByteSize(4 << 30)
 }
 fn default_temp_dir() -> PathBuf {
     std::env::temp_dir()

@@ -325,6 +325,8 @@ pub struct Registry {
     /// Rate limiters by (route, settings): a reload that keeps a route's limit keeps
     /// its buckets.
     limiters: Mutex<HashMap<LimiterKey, Weak<crate::ratelimit::RateLimiter>>>,
+    /// What buffered bodies hold now, against the budgets of each snapshot.
+    pub buffers: Arc<crate::buffer::BudgetUse>,
 }
 
 impl std::fmt::Debug for Registry {

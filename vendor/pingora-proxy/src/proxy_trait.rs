@@ -493,6 +493,29 @@ pub trait ProxyHttp {
         Ok(None)
     }
 
+    /// wingman-edge patch: whether a body held back by [Self::response_body_filter()]
+    /// has chunks to write (cheap; checked before every batch of response tasks).
+    fn has_response_body_backlog(&self, _ctx: &Self::CTX) -> bool {
+        false
+    }
+
+    /// wingman-edge patch: the next held-back body chunk to write downstream, before
+    /// the response body task now due (`end_of_stream`: that task ends the body).
+    /// Called while [Self::has_response_body_backlog()] is true, until it returns
+    /// `None`. Lets an implementation that buffered a body (in memory or a file)
+    /// send it in chunks, with async I/O, instead of as one `Bytes`.
+    async fn response_body_backlog(
+        &self,
+        _session: &mut Session,
+        _end_of_stream: bool,
+        _ctx: &mut Self::CTX,
+    ) -> Result<Option<Bytes>>
+    where
+        Self::CTX: Send + Sync,
+    {
+        Ok(None)
+    }
+
     /// Similar to [Self::response_filter()] but for response trailers.
     /// Note, returning an Ok(Some(Bytes)) will result in the downstream response
     /// trailers being written to the response body.
