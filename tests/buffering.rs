@@ -6,7 +6,7 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{compressible, servers, single_pool, Edge, Origin};
+use common::{compressible, single_pool, Edge, Origin};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BODY: usize = 8 << 20;
@@ -311,25 +311,8 @@ async fn expect_100_continue_is_answered_by_the_edge() {
     assert!(!seen.headers.contains_key("expect"));
 }
 
-#[tokio::test]
-async fn a_buffered_body_is_sent_again_when_the_first_server_refuses() {
-    let origin = Origin::start("a").await;
-    let dead = common::free_port();
-    let body = format!(
-        r#"
-[[upstreams]]
-name = "app"
-servers = [{{ address = "127.0.0.1:{dead}" }}, {{ address = "{}" }}]
-[upstreams.passive]
-consecutive_failures = 0
-[[routes]]
-name = "all"
-upstream = "app"
-"#,
-        origin.addr
-    );
-    let _ = servers;
-    let edge = Edge::start(&body).await;
+/// Four POSTs of 200 kB, round robin over [`refusing_then`]: each arrives whole.
+async fn posts_arrive_whole(edge: &Edge, origin: &Origin) {
     let payload = compressible(200_000);
     let c = common::fresh_client();
     for _ in 0..4 {
@@ -343,6 +326,49 @@ upstream = "app"
         assert_eq!(resp.text().await.unwrap(), "200000");
     }
     assert!(origin.state.uploads.lock().iter().all(|b| *b == payload));
+}
+
+/// A pool of a refusing server, then `origin`, without passive ejection.
+fn refusing_then(origin: &Origin) -> String {
+    let dead = common::free_port();
+    format!(
+        r#"
+[[upstreams]]
+name = "app"
+servers = [{{ address = "127.0.0.1:{dead}" }}, {{ address = "{}" }}]
+[upstreams.passive]
+consecutive_failures = 0
+[[routes]]
+name = "all"
+upstream = "app"
+"#,
+        origin.addr
+    )
+}
+
+#[tokio::test]
+async fn a_partly_buffered_body_is_sent_whole_after_a_refused_connect() {
+    let origin = Origin::start("a").await;
+    // 16 KiB of memory budget and no disk: every upload is buffered only in part
+    let edge = Edge::start_with_server_extra(
+        "buffer_memory = \"16KiB\"\nbuffer_disk = 0",
+        &refusing_then(&origin),
+    )
+    .await;
+    posts_arrive_whole(&edge, &origin).await;
+    edge.wait_metric(
+        "wingman_edge_buffered_requests_total{storage=\"streamed\"}",
+        4.0,
+    )
+    .await;
+    edge.wait_metric(MEMORY_USE, 0.0).await;
+}
+
+#[tokio::test]
+async fn a_buffered_body_is_sent_again_when_the_first_server_refuses() {
+    let origin = Origin::start("a").await;
+    let edge = Edge::start(&refusing_then(&origin)).await;
+    posts_arrive_whole(&edge, &origin).await;
 }
 
 /// Waits until a gauge of the edge reaches at least `at_least`.

@@ -162,9 +162,10 @@ pub trait ProxyHttp {
     /// (for example in `request_filter`, before any upstream is chosen).
     ///
     /// When this returns `Some`, the body is sent to the upstream on every attempt
-    /// (retries included) in place of the downstream body, which must then be fully
-    /// consumed. `request_body_filter` still sees it. The default, `None`, keeps
-    /// pingora's behaviour.
+    /// (retries included) in place of the downstream body read so far; if the
+    /// downstream body is not done yet, the rest of it is read and sent after it
+    /// (as after pingora's own retry buffer). `request_body_filter` still sees it.
+    /// The default, `None`, keeps pingora's behaviour.
     fn prebuffered_request_body(&self, _session: &Session, _ctx: &Self::CTX) -> Option<Bytes> {
         None
     }
