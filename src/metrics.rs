@@ -25,6 +25,9 @@ pub struct Metrics {
     pub connect_failures: IntCounterVec,
     pub retries: IntCounterVec,
     pub ejections: IntCounterVec,
+    pub ejections_refused: IntCounterVec,
+    pub panic: IntCounterVec,
+    pool_panic: IntGaugeVec,
     pub health_changes: IntCounterVec,
     pub queue_rejections: IntCounterVec,
     pub websockets_active: IntGauge,
@@ -43,6 +46,9 @@ pub struct Metrics {
     pub buffered_responses: IntCounterVec,
     pub buffered_requests: IntCounterVec,
     pub buffer_spills: IntCounterVec,
+    pub buffer_refusals: IntCounterVec,
+    buffer_bytes: IntGaugeVec,
+    buffer_limit: IntGaugeVec,
     pub body_too_large: IntCounter,
     pub cache_lookups: IntCounterVec,
     pub cache_purges: IntCounterVec,
@@ -102,6 +108,21 @@ impl Metrics {
                 "wingman_edge_upstream_ejections_total",
                 "Servers ejected by passive failure tracking",
                 &["pool", "server"]
+            )),
+            ejections_refused: reg!(counter(
+                "wingman_edge_upstream_ejections_refused_total",
+                "Ejections not done because the server was its pool's last available one",
+                &["pool", "server"]
+            )),
+            panic: reg!(counter(
+                "wingman_edge_upstream_panic_total",
+                "Attempts balanced across every server of a pool because too few were available (panic mode)",
+                &["pool"]
+            )),
+            pool_panic: reg!(gauge(
+                "wingman_edge_upstream_pool_panic",
+                "1 while a pool is in panic mode (fewer servers available than panic_threshold)",
+                &["pool"]
             )),
             health_changes: reg!(counter(
                 "wingman_edge_upstream_health_changes_total",
@@ -183,13 +204,28 @@ impl Metrics {
             )),
             buffered_requests: reg!(counter(
                 "wingman_edge_buffered_requests_total",
-                "Request bodies read in full before contacting an upstream, by storage",
+                "Request bodies read before contacting an upstream, by storage (memory, file; streamed: the budgets held only their start)",
                 &["storage"]
             )),
             buffer_spills: reg!(counter(
                 "wingman_edge_buffer_spills_total",
                 "Bodies spooled to a temporary file, by kind (request, response)",
                 &["kind"]
+            )),
+            buffer_refusals: reg!(counter(
+                "wingman_edge_buffer_budget_refusals_total",
+                "Bodies a full buffering budget refused (memory: spooled to disk sooner; disk: streamed), by kind",
+                &["kind", "storage"]
+            )),
+            buffer_bytes: reg!(gauge(
+                "wingman_edge_buffer_bytes",
+                "Bytes of buffered bodies held now, by storage (memory, disk)",
+                &["storage"]
+            )),
+            buffer_limit: reg!(gauge(
+                "wingman_edge_buffer_limit_bytes",
+                "The buffering budgets (server.buffer_memory, server.buffer_disk), by storage",
+                &["storage"]
             )),
             body_too_large: reg!(IntCounter::new(
                 "wingman_edge_request_body_too_large_total",
@@ -237,12 +273,37 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts one buffered body (`kind`: request or response): where it ended up
+    /// (`outcome`), whether it went to a file, which budgets refused it.
+    pub fn buffered_body(
+        &self,
+        kind: &str,
+        outcome: &str,
+        spilled: bool,
+        refused: crate::buffer::Refusals,
+    ) {
+        let by_outcome = match kind {
+            "request" => &self.buffered_requests,
+            _ => &self.buffered_responses,
+        };
+        by_outcome.with_label_values(&[outcome]).inc();
+        if spilled {
+            self.buffer_spills.with_label_values(&[kind]).inc();
+        }
+        for storage in refused.labels() {
+            self.buffer_refusals
+                .with_label_values(&[kind, storage])
+                .inc();
+        }
+    }
+
     /// Renders the text exposition, after filling the state gauges from `snap`.
     pub fn render(&self, snap: &Snapshot) -> Vec<u8> {
         self.server_healthy.reset();
         self.server_in_flight.reset();
         self.pool_in_flight.reset();
         self.pool_queued.reset();
+        self.pool_panic.reset();
         for pool in &snap.pools {
             for s in &pool.servers {
                 let l = [pool.name.as_str(), s.label.as_str()];
@@ -259,6 +320,22 @@ impl Metrics {
             self.pool_queued
                 .with_label_values(&[pool.name.as_str()])
                 .set(pool.state.queued() as i64);
+            self.pool_panic
+                .with_label_values(&[pool.name.as_str()])
+                .set(pool.in_panic() as i64);
+        }
+        let b = &snap.buffers;
+        for (storage, used, limit) in [
+            ("memory", b.used.memory(), b.memory),
+            ("disk", b.used.disk(), b.disk),
+        ] {
+            let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            self.buffer_bytes
+                .with_label_values(&[storage])
+                .set(clamp(used));
+            self.buffer_limit
+                .with_label_values(&[storage])
+                .set(clamp(limit));
         }
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {

@@ -19,6 +19,12 @@
 //! Memory is bounded: the table is split into shards by a keyed hash of the key
 //! (so concurrent requests rarely contend), and each shard is an LRU of fixed size,
 //! so at most `max_keys` keys are tracked however many clients an attacker brings.
+//! A key is stored as a fixed-size digest, never as the bytes the client sent (a
+//! header or cookie value can be tens of KiB): 128 bits from two SipHash-1-3
+//! hashers with independent random per-process keys (std's `RandomState`). Two keys
+//! share a bucket only if both digests collide, which nobody can aim for without the
+//! process's secret keys, and which happens by chance with a probability around
+//! `max_keys² / 2¹²⁹`.
 //! A key that is evicted, or never seen, starts with a full bucket: eviction can
 //! only ever let a client through, never deny one. The price is that an attacker
 //! who cycles through more than `max_keys` keys between two requests of an abusive
@@ -28,7 +34,6 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::net::{IpAddr, SocketAddr};
-use std::num::NonZeroUsize;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -48,7 +53,7 @@ const MAX_SHARDS: usize = 64;
 pub enum LimitConfigError {
     #[error("rate must be a finite number of requests per second above 0, got {0}")]
     Rate(f64),
-    #[error("max_keys must be at least 1")]
+    #[error("max_keys must be 1 to {}", crate::config::bounds::RATE_LIMIT_KEYS)]
     MaxKeys,
     #[error("the connection limit per client must be at least 1")]
     MaxConns,
@@ -90,22 +95,26 @@ impl Decision {
     }
 }
 
-/// One LRU shard: key -> theoretical arrival time (ns since the limiter's epoch).
-type Shard = LruCache<Box<[u8]>, u64, RandomState>;
+/// One LRU shard: key digest -> theoretical arrival time (ns since the limiter's
+/// epoch).
+type Shard = LruCache<u128, u64, RandomState>;
 
 /// Token buckets keyed by arbitrary bytes, with a fixed bound on the number of keys.
 ///
 /// Shared by all request threads (`&self` everywhere); wrap it in an `Arc`.
 pub struct RateLimiter {
     shards: Box<[Mutex<Shard>]>,
-    /// Picks the shard. Seeded independently of the shards' own hashers, so the keys
-    /// of one shard are not clustered inside its table.
-    shard_hasher: RandomState,
+    /// The two halves of a key's digest; the first also picks the shard. Seeded
+    /// independently of the shards' own hashers, so the keys of one shard are not
+    /// clustered inside its table.
+    digest: (RandomState, RandomState),
     /// Time one token takes to refill (1 / rate), in ns, at least 1.
     interval_ns: u64,
     /// How far ahead of now a key's next arrival time may be: `burst * interval`.
     tolerance_ns: u64,
     epoch: Instant,
+    /// Keys one shard holds at most.
+    per_shard: usize,
     capacity: usize,
     rate: f64,
     burst: u32,
@@ -132,7 +141,7 @@ impl RateLimiter {
         if !(rate.is_finite() && rate > 0.0) {
             return Err(LimitConfigError::Rate(rate));
         }
-        if max_keys == 0 {
+        if max_keys == 0 || max_keys > crate::config::bounds::RATE_LIMIT_KEYS {
             return Err(LimitConfigError::MaxKeys);
         }
         // Power-of-two shard count, no more shards than keys.
@@ -142,19 +151,24 @@ impl RateLimiter {
             1 << (usize::BITS - 1 - max_keys.leading_zeros())
         };
         let per_shard = max_keys / shard_count;
-        let per_shard_nz = NonZeroUsize::new(per_shard).ok_or(LimitConfigError::MaxKeys)?;
+        if per_shard == 0 {
+            return Err(LimitConfigError::MaxKeys);
+        }
+        // Unbounded tables held to `per_shard` by `check`: a table grows with the keys
+        // actually seen instead of being allocated for `max_keys` up front.
         let shards = (0..shard_count)
-            .map(|_| Mutex::new(LruCache::with_hasher(per_shard_nz, RandomState::new())))
+            .map(|_| Mutex::new(LruCache::unbounded_with_hasher(RandomState::new())))
             .collect();
         // Float to integer casts saturate, so extreme rates stay well defined.
         let interval_ns = ((1e9 / rate).round() as u64).max(1);
         let tolerance_ns = interval_ns.saturating_mul(u64::from(burst));
         Ok(RateLimiter {
             shards,
-            shard_hasher: RandomState::new(),
+            digest: (RandomState::new(), RandomState::new()),
             interval_ns,
             tolerance_ns,
             epoch: Instant::now(),
+            per_shard,
             capacity: per_shard * shard_count,
             rate,
             burst,
@@ -170,9 +184,9 @@ impl RateLimiter {
     pub fn check(&self, key: &[u8], now: Instant) -> Decision {
         let now_ns =
             u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX);
-        let shard = &self.shards[self.shard_of(key)];
-        let mut table = shard.lock();
-        match table.get_mut(key) {
+        let (shard, digest) = self.locate(key);
+        let mut table = self.shards[shard].lock();
+        match table.get_mut(&digest) {
             Some(tat) => {
                 let next = (*tat).max(now_ns);
                 let ahead = next - now_ns;
@@ -187,8 +201,11 @@ impl RateLimiter {
             }
             None => {
                 // A new key has a full bucket; this request takes its first token.
-                // `push` evicts the shard's least recently used key when full.
-                table.push(Box::from(key), now_ns.saturating_add(self.interval_ns));
+                // A full shard forgets its least recently used key first.
+                if table.len() >= self.per_shard {
+                    table.pop_lru();
+                }
+                table.push(digest, now_ns.saturating_add(self.interval_ns));
                 Decision::Allow
             }
         }
@@ -220,9 +237,13 @@ impl RateLimiter {
         self.burst
     }
 
-    fn shard_of(&self, key: &[u8]) -> usize {
+    /// The shard of `key` and the digest it is stored under.
+    fn locate(&self, key: &[u8]) -> (usize, u128) {
+        let hi = self.digest.0.hash_one(key);
+        let lo = self.digest.1.hash_one(key);
         // The shard count is a power of two.
-        (self.shard_hasher.hash_one(key) as usize) & (self.shards.len() - 1)
+        let shard = (hi as usize) & (self.shards.len() - 1);
+        (shard, (u128::from(hi) << 64) | u128::from(lo))
     }
 }
 

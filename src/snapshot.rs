@@ -128,6 +128,8 @@ pub struct Snapshot {
     pub admin: SocketAddr,
     /// Where spooled bodies go.
     pub temp_dir: std::path::PathBuf,
+    /// Process-wide memory and disk budgets of buffered bodies.
+    pub buffers: crate::buffer::Budgets,
     /// Token for admin actions (none: loopback only).
     pub admin_token: Option<String>,
     /// Proxies whose X-Forwarded-For names the client.
@@ -223,7 +225,8 @@ impl Snapshot {
                     u.passive.ejection_time.get(),
                     registry.pool(&u.name),
                 )
-                .with_tls(upstream_tls),
+                .with_tls(upstream_tls)
+                .with_panic_threshold(u.panic_threshold),
             );
         }
         let mut routes = Vec::new();
@@ -338,6 +341,11 @@ impl Snapshot {
                 min_send_rate: cfg.client.min_send_rate.get(),
             },
             temp_dir: cfg.server.temp_dir.clone(),
+            buffers: crate::buffer::Budgets {
+                used: registry.buffers.clone(),
+                memory: cfg.server.buffer_memory.get(),
+                disk: cfg.server.buffer_disk.get(),
+            },
             admin_token: cfg.admin.token.clone().filter(|t| !t.is_empty()),
             trusted_proxies: crate::ratelimit::parse_trusted_list(&cfg.client.trusted_proxies)
                 .unwrap_or_default(),

@@ -514,12 +514,13 @@ async fn active_health_checks_take_a_server_out_and_bring_it_back() {
 }
 
 #[tokio::test]
-async fn every_server_down_answers_503_at_once_with_retry_after() {
+async fn with_panic_mode_off_every_server_down_answers_503_at_once_with_retry_after() {
     let a = Origin::start("a").await;
     let b = Origin::start("b").await;
     a.set_healthy(false);
     b.set_healthy(false);
-    let extra = format!("queue_timeout = \"30s\"\n{FAST_HEALTH_CHECKS}");
+    // (with panic mode on, the default, they would get the requests anyway)
+    let extra = format!("queue_timeout = \"30s\"\npanic_threshold = 0\n{FAST_HEALTH_CHECKS}");
     let edge = Edge::start(&pool_with(&servers(&[&a, &b]), &extra)).await;
     wait_healthy(&edge, &a, false).await;
     wait_healthy(&edge, &b, false).await;
@@ -706,4 +707,186 @@ async fn the_retry_counter_counts_only_retries_that_happen() {
             .await,
         Some(1.0)
     );
+}
+
+/// A front for a real [`Origin`] whose first `resets` connections are reset (RST)
+/// after the request arrives; later connections are passed through to the origin.
+/// Stands for an origin that drops a burst of sockets (a deploy, a restart).
+struct ResettingFront {
+    addr: SocketAddr,
+    /// Connections reset so far.
+    reset: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ResettingFront {
+    async fn start(behind: SocketAddr, resets: usize) -> ResettingFront {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let reset = Arc::new(AtomicUsize::new(0));
+        let counter = reset.clone();
+        let task = tokio::spawn(async move {
+            let mut handlers = tokio::task::JoinSet::new();
+            let mut accepted = 0;
+            while let Ok((mut stream, _)) = listener.accept().await {
+                accepted += 1;
+                if accepted <= resets {
+                    let counter = counter.clone();
+                    handlers.spawn(async move {
+                        let mut buf = Vec::new();
+                        read_request(&mut stream, &mut buf).await;
+                        let _ = stream.set_zero_linger();
+                        drop(stream);
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    });
+                } else {
+                    handlers.spawn(async move {
+                        if let Ok(mut up) = TcpStream::connect(behind).await {
+                            let _ = tokio::io::copy_bidirectional(&mut stream, &mut up).await;
+                        }
+                    });
+                }
+            }
+        });
+        ResettingFront { addr, reset, task }
+    }
+
+    fn resets(&self) -> usize {
+        self.reset.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for ResettingFront {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A pool whose only server resets 20 connections in a row, then works again.
+/// Every reset answer is a 502 (the origin's failure, passed on); once the origin
+/// works, every request succeeds: the lone server was never ejected.
+async fn lone_server_survives_a_burst_of_resets(extra: &str) {
+    let origin = Origin::start("lone").await;
+    let front = ResettingFront::start(origin.addr, 20).await;
+    let list = format!(r#"[{{ address = "{}" }}]"#, front.addr);
+    let passive = "[upstreams.passive]\nconsecutive_failures = 3\nejection_time = \"60s\"";
+    let edge = Edge::start(&pool_with(&list, &format!("{extra}\n{passive}"))).await;
+    let client = common::fresh_client();
+    for i in 0..20 {
+        let resp = client
+            .get(edge.url(&format!("/r{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.status(),
+            502,
+            "request {i} while the origin resets ({} resets so far)",
+            front.resets()
+        );
+    }
+    assert_eq!(front.resets(), 20);
+    for i in 0..10 {
+        let resp = client
+            .get(edge.url(&format!("/ok{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.status(),
+            200,
+            "request {i} once the origin works again"
+        );
+        assert_eq!(origin_of(&resp), "lone");
+    }
+    assert_eq!(origin.requests(), 10);
+    let st = edge.server_status("app", &front.addr.to_string()).await;
+    assert_eq!(st["ejected"], false, "{st}");
+    let series = format!(
+        "wingman_edge_upstream_ejections_total{{pool=\"app\",server=\"{}\"}}",
+        front.addr
+    );
+    assert_eq!(edge.metric(&series).await.unwrap_or(0.0), 0.0, "{series}");
+    let kept = format!(
+        "wingman_edge_upstream_ejections_refused_total{{pool=\"app\",server=\"{}\"}}",
+        front.addr
+    );
+    // 20 failures in a row reach the threshold (3) six times
+    assert_eq!(edge.metric(&kept).await, Some(6.0), "{kept}");
+}
+
+#[tokio::test]
+async fn a_lone_server_that_resets_connections_is_never_ejected() {
+    lone_server_survives_a_burst_of_resets("").await;
+}
+
+#[tokio::test]
+async fn a_lone_server_is_never_ejected_even_with_panic_mode_off() {
+    lone_server_survives_a_burst_of_resets("panic_threshold = 0").await;
+}
+
+/// Four servers with fast health checks; returns them and the edge.
+async fn four_checked_servers() -> (Vec<Origin>, Edge) {
+    let mut origins = Vec::new();
+    for name in ["a", "b", "c", "d"] {
+        origins.push(Origin::start(name).await);
+    }
+    let refs: Vec<&Origin> = origins.iter().collect();
+    let edge = Edge::start(&pool_with(&servers(&refs), FAST_HEALTH_CHECKS)).await;
+    (origins, edge)
+}
+
+/// Sends `n` requests; returns how many each origin name answered.
+async fn spread(edge: &Edge, n: usize) -> HashMap<String, usize> {
+    let client = reqwest::Client::new();
+    let mut seen = HashMap::new();
+    for i in 0..n {
+        let resp = client
+            .get(edge.url(&format!("/s{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "request {i}");
+        *seen.entry(origin_of(&resp)).or_insert(0) += 1;
+    }
+    seen
+}
+
+async fn pool_panic(edge: &Edge) -> serde_json::Value {
+    let s = edge.status().await;
+    s["pools"][0]["panic"].clone()
+}
+
+#[tokio::test]
+async fn with_most_servers_down_the_pool_balances_across_all_of_them() {
+    let (o, edge) = four_checked_servers().await;
+    let panic_series = "wingman_edge_upstream_panic_total{pool=\"app\"}";
+    // one of four down: 75 % available, above the 50 % threshold: it is avoided
+    o[0].set_healthy(false);
+    wait_healthy(&edge, &o[0], false).await;
+    let seen = spread(&edge, 12).await;
+    assert_eq!(seen.get("a"), None, "a down server got requests: {seen:?}");
+    assert_eq!(edge.metric(panic_series).await.unwrap_or(0.0), 0.0);
+    // three of four down: 25 % available: panic mode, every server gets its share
+    o[1].set_healthy(false);
+    o[2].set_healthy(false);
+    wait_healthy(&edge, &o[1], false).await;
+    wait_healthy(&edge, &o[2], false).await;
+    let seen = spread(&edge, 20).await;
+    for name in ["a", "b", "c", "d"] {
+        assert_eq!(seen.get(name), Some(&5), "round robin over all: {seen:?}");
+    }
+    assert_eq!(pool_panic(&edge).await, true);
+    assert_eq!(edge.metric(panic_series).await, Some(20.0));
+    assert_eq!(
+        edge.metric("wingman_edge_upstream_pool_panic{pool=\"app\"}")
+            .await,
+        Some(1.0)
+    );
+    // servers back: panic mode ends by itself
+    o[1].set_healthy(true);
+    wait_healthy(&edge, &o[1], true).await;
+    assert_eq!(pool_panic(&edge).await, false);
+    let seen = spread(&edge, 12).await;
+    assert_eq!(seen.get("a").or(seen.get("c")), None, "{seen:?}");
 }

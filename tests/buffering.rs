@@ -6,7 +6,7 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{compressible, servers, single_pool, Edge, Origin};
+use common::{compressible, single_pool, Edge, Origin};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BODY: usize = 8 << 20;
@@ -311,25 +311,8 @@ async fn expect_100_continue_is_answered_by_the_edge() {
     assert!(!seen.headers.contains_key("expect"));
 }
 
-#[tokio::test]
-async fn a_buffered_body_is_sent_again_when_the_first_server_refuses() {
-    let origin = Origin::start("a").await;
-    let dead = common::free_port();
-    let body = format!(
-        r#"
-[[upstreams]]
-name = "app"
-servers = [{{ address = "127.0.0.1:{dead}" }}, {{ address = "{}" }}]
-[upstreams.passive]
-consecutive_failures = 0
-[[routes]]
-name = "all"
-upstream = "app"
-"#,
-        origin.addr
-    );
-    let _ = servers;
-    let edge = Edge::start(&body).await;
+/// Four POSTs of 200 kB, round robin over [`refusing_then`]: each arrives whole.
+async fn posts_arrive_whole(edge: &Edge, origin: &Origin) {
     let payload = compressible(200_000);
     let c = common::fresh_client();
     for _ in 0..4 {
@@ -343,4 +326,191 @@ upstream = "app"
         assert_eq!(resp.text().await.unwrap(), "200000");
     }
     assert!(origin.state.uploads.lock().iter().all(|b| *b == payload));
+}
+
+/// A pool of a refusing server, then `origin`, without passive ejection.
+fn refusing_then(origin: &Origin) -> String {
+    let dead = common::free_port();
+    format!(
+        r#"
+[[upstreams]]
+name = "app"
+servers = [{{ address = "127.0.0.1:{dead}" }}, {{ address = "{}" }}]
+[upstreams.passive]
+consecutive_failures = 0
+[[routes]]
+name = "all"
+upstream = "app"
+"#,
+        origin.addr
+    )
+}
+
+#[tokio::test]
+async fn a_partly_buffered_body_is_sent_whole_after_a_refused_connect() {
+    let origin = Origin::start("a").await;
+    // 16 KiB of memory budget and no disk: every upload is buffered only in part
+    let edge = Edge::start_with_server_extra(
+        "buffer_memory = \"16KiB\"\nbuffer_disk = 0",
+        &refusing_then(&origin),
+    )
+    .await;
+    posts_arrive_whole(&edge, &origin).await;
+    edge.wait_metric(
+        "wingman_edge_buffered_requests_total{storage=\"streamed\"}",
+        4.0,
+    )
+    .await;
+    edge.wait_metric(MEMORY_USE, 0.0).await;
+}
+
+#[tokio::test]
+async fn a_buffered_body_is_sent_again_when_the_first_server_refuses() {
+    let origin = Origin::start("a").await;
+    let edge = Edge::start(&refusing_then(&origin)).await;
+    posts_arrive_whole(&edge, &origin).await;
+}
+
+/// Waits until a gauge of the edge reaches at least `at_least`.
+async fn wait_gauge_at_least(edge: &Edge, series: &str, at_least: f64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = edge.metric(series).await.unwrap_or(0.0);
+        if now >= at_least {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} is {now}, not yet {at_least}:\n{}",
+            edge.metrics_text().await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+const MEMORY_USE: &str = "wingman_edge_buffer_bytes{storage=\"memory\"}";
+const DISK_USE: &str = "wingman_edge_buffer_bytes{storage=\"disk\"}";
+
+#[tokio::test]
+async fn uploads_past_the_global_buffer_budgets_stream_and_arrive_intact() {
+    let origin = Origin::start("a").await;
+    let edge = Edge::start_with_server_extra(
+        "buffer_memory = \"64KiB\"\nbuffer_disk = \"256KiB\"",
+        &format!(
+            "{}\n[routes.buffering]\nrequest_memory = \"32KiB\"\n",
+            single_pool(&origin, "")
+        ),
+    )
+    .await;
+    // four uploads at once with a Content-Length, one chunked: each is larger than
+    // both budgets together, so each is read into the budgets and then streamed
+    let bodies: Vec<Vec<u8>> = (0..5)
+        .map(|i| {
+            let mut b = compressible(1 << 20);
+            b[0] = b'0' + i as u8;
+            b
+        })
+        .collect();
+    let mut uploads = Vec::new();
+    for (i, body) in bodies.iter().enumerate() {
+        let req = common::fresh_client().put(edge.url("/upload"));
+        let req = if i == 4 {
+            let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+                body.chunks(8192).map(|c| Ok(c.to_vec())).collect();
+            req.body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+                chunks,
+            )))
+        } else {
+            req.body(body.clone())
+        };
+        uploads.push(tokio::spawn(req.send()));
+    }
+    for (i, u) in uploads.into_iter().enumerate() {
+        let resp = tokio::time::timeout(Duration::from_secs(30), u)
+            .await
+            .expect("upload within 30 s")
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.status(), 200, "upload {i}");
+        assert_eq!(resp.text().await.unwrap(), (1 << 20).to_string());
+    }
+    let mut got = origin.state.uploads.lock().clone();
+    got.sort();
+    assert_eq!(got, bodies, "every upload arrived intact");
+    edge.wait_metric(
+        "wingman_edge_buffer_budget_refusals_total{kind=\"request\",storage=\"disk\"}",
+        5.0,
+    )
+    .await;
+    edge.wait_metric(MEMORY_USE, 0.0).await;
+    edge.wait_metric(DISK_USE, 0.0).await;
+    assert_eq!(
+        edge.metric("wingman_edge_buffer_limit_bytes{storage=\"disk\"}")
+            .await,
+        Some(262144.0)
+    );
+}
+
+/// Sends a GET on a connection with a tiny receive window and reads nothing yet.
+async fn held_get(edge: &Edge, path: &str) -> tokio::net::TcpStream {
+    let mut s = slow_reader(edge).await;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    s
+}
+
+async fn read_all(mut s: tokio::net::TcpStream) -> Vec<u8> {
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut answer))
+        .await
+        .expect("the whole answer within 30 s")
+        .unwrap();
+    answer
+}
+
+#[tokio::test]
+async fn responses_past_the_disk_budget_stream_and_a_spilled_one_is_served_from_its_file() {
+    let origin = Origin::start("a").await;
+    let edge = Edge::start_with_server_extra(
+        "buffer_memory = \"1MiB\"\nbuffer_disk = \"12MiB\"",
+        &format!(
+            "{}\n[routes.buffering]\nresponse_memory = \"32KiB\"\n",
+            single_pool(&origin, "")
+        ),
+    )
+    .await;
+    // larger than what the kernel's socket buffers absorb
+    let n = BODY;
+    let path = format!("/bytes/{n}");
+    // A is read in full from the origin while its client reads nothing: 32 KiB in
+    // memory, the rest in a temporary file (claimed until all of it is sent)
+    let a = held_get(&edge, &path).await;
+    wait_gauge_at_least(&edge, DISK_USE, (n - (32 << 10)) as f64).await;
+    // B finds the disk budget mostly spent: what does not fit streams
+    let b = held_get(&edge, &path).await;
+    wait_gauge_at_least(&edge, DISK_USE, ((12 << 20) - (256 << 10)) as f64).await;
+    let disk = edge.metric(DISK_USE).await.unwrap();
+    assert!(disk <= (12 << 20) as f64, "disk use {disk} past the budget");
+    let (a, b) = tokio::join!(read_all(a), read_all(b));
+    let want = compressible(n);
+    assert_eq!(body_of(&a), want.as_slice(), "the spilled response");
+    assert_eq!(body_of(&b), want.as_slice(), "the streamed response");
+    edge.wait_metric(
+        "wingman_edge_buffered_responses_total{outcome=\"file\"}",
+        1.0,
+    )
+    .await;
+    edge.wait_metric(
+        "wingman_edge_buffered_responses_total{outcome=\"streamed\"}",
+        1.0,
+    )
+    .await;
+    edge.wait_metric(
+        "wingman_edge_buffer_budget_refusals_total{kind=\"response\",storage=\"disk\"}",
+        1.0,
+    )
+    .await;
+    edge.wait_metric(MEMORY_USE, 0.0).await;
+    edge.wait_metric(DISK_USE, 0.0).await;
 }

@@ -118,3 +118,68 @@ fn version_flag_prints_the_version() {
         format!("wingman-edge {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+#[test]
+fn check_refuses_sizes_that_would_exhaust_memory_naming_file_line_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("huge.toml");
+    std::fs::write(
+        &path,
+        r#"[server]
+threads = 100000
+upstream_keepalive_pool_size = 1000000000000
+[client]
+max_header_bytes = 1000000000
+[access_log]
+path = "stdout"
+buffer = 1000000000000
+[[listeners]]
+address = "127.0.0.1:8080"
+[[upstreams]]
+name = "app"
+algorithm = "hash"
+servers = [{ address = "127.0.0.1:8001", weight = 4000000000 }]
+[[routes]]
+name = "all"
+upstream = "app"
+[routes.rate_limit]
+rate = 1.0
+max_keys = 10000000000000
+"#,
+    )
+    .unwrap();
+    let mut child = edge()
+        .arg("check")
+        .arg("-c")
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("check did not finish within 30 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(status.code(), Some(1), "{status:?}\n{stderr}");
+    let file = path.display();
+    for line in [
+        format!("{file}:2: server.threads: must be at most "),
+        format!("{file}:3: server.upstream_keepalive_pool_size: must be at most "),
+        format!("{file}:5: client.max_header_bytes: must be at most "),
+        format!("{file}:8: access_log.buffer: must be at most "),
+        format!("{file}:14: upstreams[0].servers[0].weight: must be at most "),
+        format!("{file}:20: routes[0].rate_limit.max_keys: must be at most "),
+    ] {
+        assert!(stderr.contains(&line), "missing {line:?} in\n{stderr}");
+    }
+}

@@ -272,3 +272,50 @@ upstream = "app"
     assert!(uris.contains(&"\"/plain?page=2\"".to_owned()), "{uris:?}");
     assert!(uris.contains(&"\"/quiet/x\"".to_owned()), "{uris:?}");
 }
+
+/// Resident memory of a process, in bytes (Linux).
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kb * 1024
+}
+
+#[tokio::test]
+async fn rate_limit_keys_cost_the_same_memory_however_long_the_header_value() {
+    let origin = Origin::start("a").await;
+    let edge = Edge::start(&limited(
+        &origin,
+        "key = \"header:X-Client\"\nrate = 100.0\nmax_keys = 100000",
+    ))
+    .await;
+    let client = reqwest::Client::new();
+    let long = "k".repeat(30_000);
+    let send = |i: usize| {
+        let req = client
+            .get(edge.url("/"))
+            .header("x-client", format!("{i:08}{long}"));
+        async move { req.send().await.unwrap().status() }
+    };
+    // warm up the allocator and the connection pools
+    for i in 0..200 {
+        assert_eq!(send(i).await, 200);
+    }
+    let before = rss_bytes(edge.pid());
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let n = 2_000;
+    for i in 200..200 + n {
+        assert_eq!(send(i).await, 200, "request {i}");
+        assert!(std::time::Instant::now() < deadline, "too slow at {i}");
+    }
+    let grew = rss_bytes(edge.pid()).saturating_sub(before);
+    // 2,000 keys of 30 KB would be 60 MB if the values themselves were kept
+    assert!(
+        grew < 16 << 20,
+        "resident memory grew by {} KiB for {n} distinct keys",
+        grew >> 10
+    );
+}

@@ -15,6 +15,7 @@ fn route_to(pool: &str, a: &Origin, b: &Origin, extra: &str) -> String {
 [[upstreams]]
 name = "a"
 servers = {a}
+panic_threshold = 0
 [upstreams.health_check]
 interval = "100ms"
 timeout = "500ms"
@@ -86,6 +87,53 @@ async fn reload_keeps_old_config_when_new_one_is_invalid() {
     // and a good file afterwards still applies
     assert_eq!(edge.reload(&route_to("b", &a, &b, "")).await, 2);
     assert_eq!(body_of(&edge).await, "b");
+}
+
+#[tokio::test]
+async fn a_reload_with_sizes_past_their_bounds_keeps_the_old_config() {
+    let a = Origin::start("a").await;
+    let b = Origin::start("b").await;
+    let edge = Edge::start(&route_to("a", &a, &b, "")).await;
+    // each of these would have sized an allocation the process cannot make
+    let huge = [
+        "[routes.rate_limit]\nrate = 1.0\nmax_keys = 10000000000000",
+        "[routes.rate_limit]\nrate = 1.0\nmax_keys = 100000000",
+    ];
+    for (i, extra) in huge.iter().enumerate() {
+        edge.write_config(&route_to("b", &a, &b, extra));
+        edge.sighup();
+        edge.wait_metric(
+            "wingman_edge_config_reloads_total{result=\"error\"}",
+            (i + 1) as f64,
+        )
+        .await;
+        assert_eq!(body_of(&edge).await, "a", "the old config still serves");
+    }
+    let hash_pool = route_to("b", &a, &b, "")
+        .replace(
+            "name = \"b\"\nservers = ",
+            "name = \"b\"\nalgorithm = \"hash\"\nservers = ",
+        )
+        .replace(
+            &format!("{{ address = \"{}\" }}", b.addr),
+            &format!("{{ address = \"{}\", weight = 4000000000 }}", b.addr),
+        );
+    assert!(hash_pool.contains("weight = 4000000000"), "{hash_pool}");
+    edge.write_config(&hash_pool);
+    edge.sighup();
+    edge.wait_metric("wingman_edge_config_reloads_total{result=\"error\"}", 3.0)
+        .await;
+    assert_eq!(body_of(&edge).await, "a");
+    assert!(
+        edge.log()
+            .contains("upstreams[1].servers[0].weight: must be at most"),
+        "the log names the problem:\n{}",
+        edge.log()
+    );
+    assert_eq!(
+        edge.metric("wingman_edge_config_generation").await,
+        Some(1.0)
+    );
 }
 
 #[tokio::test]

@@ -313,6 +313,8 @@ pub fn status(snap: &Snapshot) -> serde_json::Value {
                 "in_flight": p.in_flight(),
                 "queued": p.state.queued(),
                 "queue_size": p.queue_size,
+                "panic": p.in_panic(),
+                "panic_threshold": p.panic_threshold,
                 "servers": servers,
             })
         })

@@ -30,7 +30,7 @@ pub use duration::HumanDuration;
 pub use locate::{KeyPath, Segment};
 pub use size::ByteSize;
 pub use validate::{
-    check_host_pattern, parse_hash_on, parse_server_address, parse_status_set, HashOn,
+    bounds, check_host_pattern, parse_hash_on, parse_server_address, parse_status_set, HashOn,
     ServerAddress, StatusSet,
 };
 
@@ -170,6 +170,12 @@ pub struct ServerSection {
     /// Where buffered bodies larger than their memory limit are spooled.
     #[serde(default = "default_temp_dir")]
     pub temp_dir: PathBuf,
+    /// Memory for buffered request and response bodies, all requests together.
+    #[serde(default = "default_buffer_memory")]
+    pub buffer_memory: ByteSize,
+    /// Temporary file space for buffered bodies, all requests together.
+    #[serde(default = "default_buffer_disk")]
+    pub buffer_disk: ByteSize,
 }
 
 impl Default for ServerSection {
@@ -183,6 +189,8 @@ impl Default for ServerSection {
             upstream_keepalive_pool_size: default_upstream_keepalive_pool_size(),
             upstream_ca_file: None,
             temp_dir: default_temp_dir(),
+            buffer_memory: default_buffer_memory(),
+            buffer_disk: default_buffer_disk(),
         }
     }
 }
@@ -334,6 +342,11 @@ pub struct Upstream {
     pub health_check: Option<HealthCheck>,
     #[serde(default)]
     pub passive: PassiveHealth,
+    /// Panic mode, in percent: when fewer of the pool's servers than this are
+    /// available (healthy and not ejected), requests are balanced across all of them
+    /// again (0: never).
+    #[serde(default = "default_panic_threshold")]
+    pub panic_threshold: u8,
     /// Talk TLS to the servers.
     #[serde(default)]
     pub tls: bool,
@@ -748,8 +761,17 @@ fn default_expected_status() -> String {
 fn default_consecutive_failures() -> u32 {
     5
 }
+fn default_panic_threshold() -> u8 {
+    50
+}
 fn default_ejection_time() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
+}
+fn default_buffer_memory() -> ByteSize {
+    ByteSize(256 << 20)
+}
+fn default_buffer_disk() -> ByteSize {
+    ByteSize(4 << 30)
 }
 fn default_temp_dir() -> PathBuf {
     std::env::temp_dir()

@@ -143,3 +143,17 @@ fn status_sets_parse_ranges_and_lists() {
     assert!(parse_status_set("299-200").is_err());
     assert!(parse_status_set("abc").is_err());
 }
+
+#[test]
+fn panic_threshold_is_a_percentage() {
+    let text = MINIMAL.replace(
+        "name = \"app\"\n",
+        "name = \"app\"\npanic_threshold = 101\n",
+    );
+    assert_eq!(
+        problems(&text),
+        ["edge.toml:7: upstreams[0].panic_threshold: must be 0 to 100 (percent)"]
+    );
+    let ok = parse(Path::new("edge.toml"), MINIMAL).unwrap();
+    assert_eq!(ok.upstreams[0].panic_threshold, 50);
+}

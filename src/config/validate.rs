@@ -135,6 +135,36 @@ fn check_listen_address(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("{s:?} is not an ip:port to listen on"))
 }
 
+/// Upper bounds of the numbers that size an allocation (so that `check` or a reload
+/// can never make the process ask for more memory than it can get). Each is
+/// documented with its key in `conf/edge.toml`.
+pub mod bounds {
+    /// `server.threads`: each is an OS thread with its own runtime.
+    pub const THREADS: usize = 1024;
+    /// `server.upstream_keepalive_pool_size`: pingora preallocates its map.
+    pub const KEEPALIVE_POOL: usize = 1 << 20;
+    /// `client.max_header_bytes`: buffered per connection; pingora parses at most
+    /// 1 MiB anyway.
+    pub const HEADER_BYTES: usize = 1 << 20;
+    /// `access_log.buffer`: the queue is allocated up front.
+    pub const LOG_BUFFER: usize = 1 << 20;
+    /// `upstreams[].servers[].weight`: a hash pool puts 160 ring points per unit.
+    pub const WEIGHT: u32 = 1000;
+    /// `routes[].rate_limit.max_keys`: about 100 bytes per key when full.
+    pub const RATE_LIMIT_KEYS: usize = 10_000_000;
+}
+
+fn at_most<T: PartialOrd + std::fmt::Display>(
+    out: &mut Vec<(KeyPath, String)>,
+    key: KeyPath,
+    value: T,
+    max: T,
+) {
+    if value > max {
+        out.push((key, format!("must be at most {max}")));
+    }
+}
+
 /// Runs every semantic check; returns all problems found.
 pub fn validate(c: &Config) -> Vec<(KeyPath, String)> {
     let mut out: Vec<(KeyPath, String)> = Vec::new();
@@ -226,6 +256,7 @@ pub fn validate(c: &Config) -> Vec<(KeyPath, String)> {
         if log.buffer == 0 {
             out.push((lp.key("buffer"), "must be at least 1".into()));
         }
+        at_most(&mut out, lp.key("buffer"), log.buffer, bounds::LOG_BUFFER);
     }
     if c.server.threads == 0 {
         out.push((
@@ -233,6 +264,25 @@ pub fn validate(c: &Config) -> Vec<(KeyPath, String)> {
             "must be at least 1".into(),
         ));
     }
+    let server = root.key("server");
+    at_most(
+        &mut out,
+        server.key("threads"),
+        c.server.threads,
+        bounds::THREADS,
+    );
+    at_most(
+        &mut out,
+        server.key("upstream_keepalive_pool_size"),
+        c.server.upstream_keepalive_pool_size,
+        bounds::KEEPALIVE_POOL,
+    );
+    at_most(
+        &mut out,
+        client.key("max_header_bytes"),
+        c.client.max_header_bytes,
+        bounds::HEADER_BYTES,
+    );
 
     // upstream pools
     let mut pools: HashMap<&str, usize> = HashMap::new();
@@ -257,6 +307,7 @@ pub fn validate(c: &Config) -> Vec<(KeyPath, String)> {
         let mut seen: HashSet<&str> = HashSet::new();
         for (j, s) in u.servers.iter().enumerate() {
             let sp = up.key("servers").index(j);
+            at_most(&mut out, sp.key("weight"), s.weight, bounds::WEIGHT);
             if let Err(e) = parse_server_address(&s.address) {
                 out.push((sp.key("address"), e));
             } else if !seen.insert(s.address.as_str()) {
@@ -317,6 +368,12 @@ pub fn validate(c: &Config) -> Vec<(KeyPath, String)> {
                     ));
                 }
             }
+        }
+        if u.panic_threshold > 100 {
+            out.push((
+                up.key("panic_threshold"),
+                "must be 0 to 100 (percent)".into(),
+            ));
         }
         if u.passive.consecutive_failures > 0 && u.passive.ejection_time.get().is_zero() {
             out.push((
@@ -456,6 +513,12 @@ pub fn validate(c: &Config) -> Vec<(KeyPath, String)> {
             if rl.max_keys == 0 {
                 out.push((rlp.key("max_keys"), "must be at least 1".into()));
             }
+            at_most(
+                &mut out,
+                rlp.key("max_keys"),
+                rl.max_keys,
+                bounds::RATE_LIMIT_KEYS,
+            );
         }
         if let Some(h) = &r.hsts {
             if http::HeaderValue::from_str(h).is_err() || !h.contains("max-age=") {

@@ -27,7 +27,7 @@ use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType};
 
-use crate::buffer::{self, BufferedBody, Spool, SpoolError, SpoolLimits};
+use crate::buffer::{BufferedBody, Spool, SpoolError, SpoolLimits};
 use crate::cache::policy;
 use crate::cache::store::CacheStore;
 use crate::compress::{self, Encoder};
@@ -84,6 +84,9 @@ pub struct Ctx {
     has_range: bool,
     /// The whole request body, read before choosing an upstream (request buffering).
     request_body: Option<Bytes>,
+    /// `request_body` is only its first part (the buffering budgets were spent): the
+    /// rest streams from the client, and the request cannot be sent again.
+    request_body_partial: bool,
     /// Body bytes seen so far when the body streams (for client_max_body_size).
     streamed_body: u64,
     /// The upstream said `X-Accel-Buffering: no`.
@@ -137,21 +140,28 @@ impl Edge {
         let (Some(lease), Some(pool)) = (&ctx.lease, ctx.pool()) else {
             return;
         };
-        if lease
-            .server
-            .record_failure(pool.eject_after, pool.ejection_time)
-        {
-            let label = &pool.servers[lease.index].label;
-            log::warn!(
-                "pool {} server {label} ejected for {:?}",
-                pool.name,
-                pool.ejection_time
-            );
-            self.metrics
-                .ejections
-                .with_label_values(&[pool.name.as_str(), label.as_str()])
-                .inc();
-        }
+        let label = &pool.servers[lease.index].label;
+        let counter = match pool.record_failure(lease.index) {
+            crate::upstream::Failure::Counted => return,
+            crate::upstream::Failure::Ejected => {
+                log::warn!(
+                    "pool {} server {label} ejected for {:?}",
+                    pool.name,
+                    pool.ejection_time
+                );
+                &self.metrics.ejections
+            }
+            crate::upstream::Failure::KeptLast => {
+                log::warn!(
+                    "pool {} server {label} failing but not ejected: no other server is available",
+                    pool.name
+                );
+                &self.metrics.ejections_refused
+            }
+        };
+        counter
+            .with_label_values(&[pool.name.as_str(), label.as_str()])
+            .inc();
     }
 
     /// Sets `Cache-Status` (RFC 9211) and notes the outcome for metrics.
@@ -439,51 +449,47 @@ impl Edge {
                 .write_response_header(Box::new(cont))
                 .await?;
         }
-        let mut spool = Spool::new(SpoolLimits {
-            memory: cfg.memory.min(cfg.max_body as usize),
-            file: cfg.max_body,
-            dir: ctx.snap.temp_dir.clone(),
-        });
-        loop {
-            // a body that cannot be read (broken framing, a stall, a close) is the
-            // client's doing: 400/408, never a 5xx (see fail_to_proxy)
-            match session
-                .read_request_body()
-                .await
-                .map_err(|e| e.into_down())?
-            {
-                None => break,
-                Some(chunk) => match spool.push(&chunk) {
-                    Ok(()) => {}
-                    Err(SpoolError::Full) => return self.body_too_large(session, ctx).await,
-                    Err(SpoolError::Io(e)) => {
-                        return Err(Error::because(
-                            ErrorType::InternalError,
-                            "spooling the request body",
-                            e,
-                        ))
-                    }
-                },
+        let mut spool = Spool::new(
+            SpoolLimits {
+                memory: cfg.memory.min(cfg.max_body as usize),
+                file: cfg.max_body,
+                dir: ctx.snap.temp_dir.clone(),
+            },
+            &ctx.snap.buffers,
+        );
+        let internal = |what, e| Error::because(ErrorType::InternalError, what, e);
+        // a body that cannot be read (broken framing, a stall, a close) is the
+        // client's doing: 400/408, never a 5xx (see fail_to_proxy)
+        while let Some(chunk) = session
+            .read_request_body()
+            .await
+            .map_err(|e| e.into_down())?
+        {
+            match spool.push(chunk.clone()).await {
+                Ok(()) => {}
+                Err(SpoolError::Full) => return self.body_too_large(session, ctx).await,
+                Err(SpoolError::Budget) => {
+                    // the budgets are spent: send what was read, stream the rest
+                    spool
+                        .push_over_budget(chunk)
+                        .await
+                        .map_err(|e| internal("spooling the request body", e))?;
+                    ctx.request_body_partial = true;
+                    break;
+                }
+                Err(e) => return Err(internal("spooling the request body", e)),
             }
         }
-        let storage = if spool.spilled() { "file" } else { "memory" };
+        let storage = match (ctx.request_body_partial, spool.spilled()) {
+            (true, _) => "streamed",
+            (false, true) => "file",
+            (false, false) => "memory",
+        };
         self.metrics
-            .buffered_requests
-            .with_label_values(&[storage])
-            .inc();
-        if spool.spilled() {
-            self.metrics
-                .buffer_spills
-                .with_label_values(&["request"])
-                .inc();
-        }
-        let body = spool.take().map_err(|e| {
-            Error::because(
-                ErrorType::InternalError,
-                "reading the spooled request body",
-                e,
-            )
-        })?;
+            .buffered_body("request", storage, spool.spilled(), spool.refusals());
+        let body = spool
+            .take()
+            .map_err(|e| internal("reading the spooled request body", e))?;
         ctx.request_body = Some(body);
         Ok(false)
     }
@@ -532,6 +538,7 @@ impl ProxyHttp for Edge {
             is_head: false,
             has_range: false,
             request_body: None,
+            request_body_partial: false,
             streamed_body: 0,
             no_buffering: false,
             encoder: None,
@@ -663,7 +670,10 @@ impl ProxyHttp for Edge {
         ctx: &mut Ctx,
     ) -> Result<()> {
         // a streamed (unbuffered) body is still held to client_max_body_size
-        if ctx.request_body.is_none() && !ctx.upgraded && !session.was_upgraded() {
+        if (ctx.request_body.is_none() || ctx.request_body_partial)
+            && !ctx.upgraded
+            && !session.was_upgraded()
+        {
             let max = ctx.route().map(|r| r.request_buffering.max_body);
             if let (Some(b), Some(max)) = (body.as_ref(), max) {
                 ctx.streamed_body += b.len() as u64;
@@ -872,6 +882,9 @@ impl ProxyHttp for Edge {
             .queue_wait
             .observe(waited.elapsed().as_secs_f64());
         self.metrics.upstream_requests.inc();
+        if lease.panic {
+            self.metrics.panic.with_label_values(&[&pool.name]).inc();
+        }
         ctx.attempts += 1;
         ctx.upstream_sent = std::time::SystemTime::now();
         let server = &pool.servers[lease.index];
@@ -1039,7 +1052,7 @@ impl ProxyHttp for Edge {
             // (the cache fill runs at upstream speed) and ends without a final body chunk
             let via_cache = session.cache.enabled();
             if has_body && !event_stream && !ctx.no_buffering && !via_cache {
-                ctx.buffer = Some(BufferedBody::new(cfg));
+                ctx.buffer = Some(BufferedBody::new(cfg, &ctx.snap.buffers));
             }
         }
         Ok(())
@@ -1054,29 +1067,28 @@ impl ProxyHttp for Edge {
     ) -> Result<Option<std::time::Duration>> {
         if let Some(buf) = ctx.buffer.as_mut() {
             let input = body.take().unwrap_or_default();
-            *body = buf
-                .push(input, end_of_stream)
-                .map_err(|e| Error::because(ErrorType::InternalError, "buffering the response", e))?
-                .filter(|b| !b.is_empty());
-            if end_of_stream {
-                let outcome = match buf.outcome() {
-                    buffer::Outcome::Memory => "memory",
-                    buffer::Outcome::File => "file",
-                    buffer::Outcome::Streamed => "streamed",
-                };
-                self.metrics
-                    .buffered_responses
-                    .with_label_values(&[outcome])
-                    .inc();
-                if buf.spilled() {
-                    self.metrics
-                        .buffer_spills
-                        .with_label_values(&["response"])
-                        .inc();
-                }
-            }
+            *body = buf.push(input, end_of_stream).filter(|b| !b.is_empty());
         }
         Ok(None)
+    }
+
+    fn has_response_body_backlog(&self, ctx: &Ctx) -> bool {
+        ctx.buffer.as_ref().is_some_and(BufferedBody::has_backlog)
+    }
+
+    async fn response_body_backlog(
+        &self,
+        _session: &mut Session,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Bytes>> {
+        match ctx.buffer.as_mut() {
+            None => Ok(None),
+            Some(buf) => buf
+                .next_out()
+                .await
+                .map_err(|e| Error::because(ErrorType::InternalError, "buffering the response", e)),
+        }
     }
 
     fn fail_to_connect(
@@ -1117,6 +1129,7 @@ impl ProxyHttp for Edge {
         // already partly with the client.
         let replayable = session.req_header().method.is_idempotent()
             && !session.as_ref().retry_buffer_truncated()
+            && !ctx.request_body_partial
             && session.response_written().is_none()
             && !ctx.upgraded;
         let retry = replayable && self.may_retry(ctx);
@@ -1177,6 +1190,11 @@ impl ProxyHttp for Edge {
             self.metrics.websockets_active.dec();
         }
         self.access_log(session, status, ctx);
+        if let Some(b) = ctx.buffer.take().filter(BufferedBody::ended) {
+            let outcome = b.outcome().label();
+            self.metrics
+                .buffered_body("response", outcome, b.spilled(), b.refusals());
+        }
         if let Some(lease) = ctx.lease.take() {
             let ok = status != 0 && status < 500;
             lease.server.record_request(ok, ctx.start.elapsed());

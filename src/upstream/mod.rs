@@ -81,8 +81,22 @@ pub struct Pool {
     pub ejection_time: Duration,
     pub state: Arc<PoolState>,
     pub tls: UpstreamTls,
+    /// Panic mode below this share (percent) of available servers; 0: never.
+    pub panic_threshold: u8,
     weights: Vec<u32>,
     selector: Selector,
+}
+
+/// What a passive failure did ([`Pool::record_failure`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Counted toward the streak.
+    Counted,
+    /// The streak reached `consecutive_failures`: the server is ejected.
+    Ejected,
+    /// The streak reached `consecutive_failures`, but the server is the pool's last
+    /// available one: it stays (nginx never marks a lone server unavailable either).
+    KeptLast,
 }
 
 /// Why [`Pool::acquire`] gave no server.
@@ -137,6 +151,7 @@ impl Pool {
             ejection_time,
             state,
             tls: UpstreamTls::default(),
+            panic_threshold: 0,
             weights,
             selector,
         }
@@ -146,6 +161,55 @@ impl Pool {
     pub fn with_tls(mut self, tls: UpstreamTls) -> Pool {
         self.tls = tls;
         self
+    }
+
+    /// Sets the panic threshold (percent of available servers; 0: never).
+    pub fn with_panic_threshold(mut self, percent: u8) -> Pool {
+        self.panic_threshold = percent.min(100);
+        self
+    }
+
+    /// Servers that count toward the pool's size: pickable (weight above 0) and
+    /// not taken out by an operator (drain, disable).
+    fn in_service(&self, i: usize) -> bool {
+        self.servers[i].weight > 0 && !self.servers[i].state.is_disabled()
+    }
+
+    /// Panic mode: fewer than `panic_threshold` percent of the servers in service
+    /// are available (healthy and not ejected). Then health and ejection are
+    /// ignored and requests are balanced across every server in service, as
+    /// Envoy does: a pool whose checks or outlier detection took most servers out
+    /// is more likely misjudged than dead, and the survivors would be overloaded.
+    pub fn in_panic(&self) -> bool {
+        if self.panic_threshold == 0 {
+            return false;
+        }
+        let (mut total, mut up) = (0usize, 0usize);
+        for (i, s) in self.servers.iter().enumerate() {
+            if self.in_service(i) {
+                total += 1;
+                up += s.state.available() as usize;
+            }
+        }
+        total > 0 && up * 100 < total * self.panic_threshold as usize
+    }
+
+    /// Records a passive failure of server `index`: counts it and, at
+    /// `consecutive_failures` in a row, ejects the server unless no other server of
+    /// the pool is available (the last one is never ejected).
+    pub fn record_failure(&self, index: usize) -> Failure {
+        let server = &self.servers[index].state;
+        if !server.count_failure(self.eject_after) {
+            return Failure::Counted;
+        }
+        let _deciding = self.state.ejecting.lock();
+        let another = (0..self.servers.len())
+            .any(|j| j != index && self.in_service(j) && self.servers[j].state.available());
+        if !another {
+            return Failure::KeptLast;
+        }
+        server.eject(self.ejection_time);
+        Failure::Ejected
     }
 
     /// The SNI for a server of this pool.
@@ -177,11 +241,14 @@ impl Pool {
     /// One non-waiting attempt: a lease, or why there is none (`None` = all busy).
     fn try_acquire(&self, key: &[u8], tried: &[usize]) -> Result<Option<Lease>, Unavailable> {
         let untried = |i: usize| !tried.contains(&i);
-        let up = |i: usize| untried(i) && self.servers[i].state.available();
         if !(0..self.servers.len()).any(untried) {
             return Err(Unavailable::AllTried);
         }
-        if !(0..self.servers.len()).any(|i| up(i) && self.servers[i].weight > 0) {
+        let panic = self.in_panic();
+        let up = |i: usize| {
+            untried(i) && self.in_service(i) && (panic || self.servers[i].state.available())
+        };
+        if !(0..self.servers.len()).any(up) {
             return Err(Unavailable::NoneAvailable);
         }
         let has_room = |i: usize| {
@@ -194,7 +261,8 @@ impl Pool {
                 return Ok(None);
             };
             let s = &self.servers[i];
-            if let Some(lease) = Lease::try_acquire(&s.state, i, &self.state, s.max_conns) {
+            if let Some(mut lease) = Lease::try_acquire(&s.state, i, &self.state, s.max_conns) {
+                lease.panic = panic;
                 return Ok(Some(lease));
             }
         }
@@ -306,9 +374,8 @@ mod tests {
     #[tokio::test]
     async fn ejected_servers_are_skipped_and_all_down_fails_at_once() {
         let (p, _reg) = pool(0, 4, 2);
-        assert!(p.servers[0]
-            .state
-            .record_failure(1, Duration::from_secs(30)));
+        assert_eq!(p.record_failure(0), Failure::Counted);
+        assert_eq!(p.record_failure(0), Failure::Ejected);
         for _ in 0..4 {
             assert_eq!(p.acquire(b"", &[]).await.unwrap().index, 1);
         }
@@ -320,6 +387,80 @@ mod tests {
         assert_eq!(
             p.acquire(b"", &[0, 1]).await.err(),
             Some(Unavailable::AllTried)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_last_available_server_is_never_ejected() {
+        // panic mode off (the test pool's default): only the ejection rule protects
+        // it; the test pool ejects at 2 failures in a row
+        let (p, _reg) = pool(0, 4, 3);
+        assert_eq!(p.record_failure(0), Failure::Counted);
+        assert_eq!(p.record_failure(0), Failure::Ejected);
+        assert_eq!(p.record_failure(1), Failure::Counted);
+        assert_eq!(p.record_failure(1), Failure::Ejected);
+        // 2 is the last one standing: its failures never take it out
+        for _ in 0..10 {
+            assert_eq!(p.record_failure(2), Failure::Counted);
+            assert_eq!(p.record_failure(2), Failure::KeptLast);
+        }
+        assert!(p.servers[2].state.available());
+        for _ in 0..4 {
+            assert_eq!(p.acquire(b"", &[]).await.unwrap().index, 2);
+        }
+        // a drained server is not "available" for that rule
+        let (p, _reg) = pool(0, 4, 2);
+        p.servers[1].state.set_admin_state("drain");
+        assert_eq!(p.record_failure(0), Failure::Counted);
+        assert_eq!(p.record_failure(0), Failure::KeptLast);
+    }
+
+    #[tokio::test]
+    async fn below_the_panic_threshold_every_server_in_service_is_used() {
+        let (p, _reg) = pool(0, 4, 4);
+        let p = p.with_panic_threshold(50);
+        // two of four out (50 % available): not below the threshold
+        p.servers[0].state.eject(Duration::from_secs(30));
+        p.servers[1].state.record_check(false, 1, 1);
+        assert!(!p.in_panic());
+        let picks: Vec<usize> = (0..4)
+            .map(|_| p.try_acquire(b"", &[]).unwrap().unwrap().index)
+            .collect();
+        assert!(picks.iter().all(|&i| i >= 2), "{picks:?}");
+        // three of four out: panic, round robin over all four, leases say so
+        p.servers[2].state.eject(Duration::from_secs(30));
+        assert!(p.in_panic());
+        let leases: Vec<Lease> = (0..8)
+            .map(|_| p.try_acquire(b"", &[]).unwrap().unwrap())
+            .collect();
+        let mut counts = [0; 4];
+        leases.iter().for_each(|l| counts[l.index] += 1);
+        assert_eq!(counts, [2, 2, 2, 2]);
+        assert!(leases.iter().all(|l| l.panic));
+        // an operator's drain is honoured even in panic mode, and a drained server
+        // does not count toward the pool's size: 1 of 3 available is still panic
+        p.servers[0].state.set_admin_state("drain");
+        assert!(p.in_panic());
+        for _ in 0..6 {
+            assert_ne!(p.try_acquire(b"", &[]).unwrap().unwrap().index, 0);
+        }
+        // every server tried: still AllTried
+        assert_eq!(
+            p.try_acquire(b"", &[1, 2, 3]).err(),
+            Some(Unavailable::NoneAvailable)
+        );
+        assert_eq!(
+            p.try_acquire(b"", &[0, 1, 2, 3]).err(),
+            Some(Unavailable::AllTried)
+        );
+        // threshold 0: never panic
+        let (p, _reg) = pool(0, 4, 2);
+        p.servers[0].state.eject(Duration::from_secs(30));
+        p.servers[1].state.eject(Duration::from_secs(30));
+        assert!(!p.in_panic());
+        assert_eq!(
+            p.try_acquire(b"", &[]).err(),
+            Some(Unavailable::NoneAvailable)
         );
     }
 

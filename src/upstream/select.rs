@@ -77,22 +77,31 @@ impl LeastConn {
     }
 }
 
-/// A ketama-style ring: 160 points per unit of weight; a key maps to the first point
-/// at or after its hash, walking on past ineligible servers. Adding or removing one
-/// server moves only about 1/n of the keys.
+/// A ketama-style ring: 160 points per unit of weight (fewer when the pool's total
+/// weight would make the ring larger than [`MAX_RING_POINTS`]); a key maps to the
+/// first point at or after its hash, walking on past ineligible servers. Adding or
+/// removing one server moves only about 1/n of the keys.
 #[derive(Debug)]
 pub struct HashRing {
     points: Vec<(u64, usize)>,
 }
 
-const POINTS_PER_WEIGHT: u32 = 160;
+const POINTS_PER_WEIGHT: u64 = 160;
+
+/// Most points of one ring (16 bytes each: 16 MiB). A pool whose servers' weights
+/// add up past `MAX_RING_POINTS / 160` gets fewer points per unit of weight (at
+/// least one), so a long server list (a name resolving to many addresses) cannot
+/// blow the ring up.
+pub const MAX_RING_POINTS: u64 = 1 << 20;
 
 impl HashRing {
     /// `labels[i]` identifies server i (its configured address), `weights[i]` its weight.
     pub fn new(labels: &[String], weights: &[u32]) -> Self {
-        let mut points = Vec::new();
+        let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+        let per_weight = (MAX_RING_POINTS / total.max(1)).clamp(1, POINTS_PER_WEIGHT);
+        let mut points = Vec::with_capacity((total * per_weight).min(MAX_RING_POINTS) as usize);
         for (i, (label, &w)) in labels.iter().zip(weights).enumerate() {
-            for p in 0..w.saturating_mul(POINTS_PER_WEIGHT) {
+            for p in 0..u64::from(w) * per_weight {
                 let h = hash64(format!("{label}-{p}").as_bytes());
                 points.push((h, i));
             }
@@ -183,6 +192,20 @@ mod tests {
             seen[lc.pick(&[1, 1, 1], |_| 0, |_| true).unwrap()] += 1;
         }
         assert_eq!(seen, [10, 10, 10]);
+    }
+
+    #[test]
+    fn a_heavy_pool_gets_a_bounded_ring_with_every_server_on_it() {
+        let labels: Vec<String> = (0..40).map(|i| format!("10.0.0.{i}:80")).collect();
+        let ring = HashRing::new(&labels, &[1000; 40]);
+        assert!(ring.points.len() as u64 <= MAX_RING_POINTS);
+        let mut on_ring = [false; 40];
+        ring.points.iter().for_each(|&(_, i)| on_ring[i] = true);
+        assert!(on_ring.iter().all(|&x| x));
+        // far past the bound: one point per unit of weight, no more
+        let labels: Vec<String> = (0..3).map(|i| format!("10.0.1.{i}:80")).collect();
+        let ring = HashRing::new(&labels, &[u32::MAX / 4096, 1, 0]);
+        assert_eq!(ring.points.len() as u64, u64::from(u32::MAX / 4096) + 1);
     }
 
     #[test]

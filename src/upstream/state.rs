@@ -181,8 +181,9 @@ impl ServerState {
         None
     }
 
-    /// Records a passive failure; returns true when it ejected the server.
-    pub fn record_failure(&self, threshold: u32, ejection: Duration) -> bool {
+    /// Counts a passive failure; true when the streak reached `threshold` (and
+    /// starts over): the caller decides whether to eject ([`super::Pool::record_failure`]).
+    pub(crate) fn count_failure(&self, threshold: u32) -> bool {
         if threshold == 0 {
             return false;
         }
@@ -192,11 +193,19 @@ impl ServerState {
             .saturating_add(1);
         if n >= threshold {
             self.passive_failures.store(0, Ordering::Relaxed);
-            self.ejected_until
-                .store(now_ms() + ejection.as_millis() as u64, Ordering::Relaxed);
             return true;
         }
         false
+    }
+
+    /// Ejects the server for `ejection`.
+    pub(crate) fn eject(&self, ejection: Duration) {
+        self.ejected_until
+            .store(now_ms() + ejection.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    pub fn is_disabled(&self) -> bool {
+        self.disabled.load(Ordering::Relaxed)
     }
 
     /// Records a successful exchange: the passive failure streak starts over.
@@ -211,6 +220,9 @@ impl ServerState {
 #[derive(Debug, Default)]
 pub struct PoolState {
     queued: AtomicUsize,
+    /// Held while deciding an ejection, so two servers failing at once cannot both
+    /// be ejected as "not the last one".
+    pub(crate) ejecting: Mutex<()>,
     /// Woken whenever a lease of this pool ends while requests are queued.
     pub(crate) slot_freed: Notify,
 }
@@ -255,6 +267,8 @@ pub struct Lease {
     pub server: Arc<ServerState>,
     /// Index of the server in its pool's snapshot.
     pub index: usize,
+    /// Chosen in panic mode (among every server, available or not).
+    pub panic: bool,
     pool: Arc<PoolState>,
 }
 
@@ -281,6 +295,7 @@ impl Lease {
                     return Some(Lease {
                         server: server.clone(),
                         index,
+                        panic: false,
                         pool: pool.clone(),
                     })
                 }
@@ -310,6 +325,8 @@ pub struct Registry {
     /// Rate limiters by (route, settings): a reload that keeps a route's limit keeps
     /// its buckets.
     limiters: Mutex<HashMap<LimiterKey, Weak<crate::ratelimit::RateLimiter>>>,
+    /// What buffered bodies hold now, against the budgets of each snapshot.
+    pub buffers: Arc<crate::buffer::BudgetUse>,
 }
 
 impl std::fmt::Debug for Registry {

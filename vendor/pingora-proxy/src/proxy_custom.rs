@@ -356,7 +356,10 @@ where
             return Ok(None);
         }
 
-        let response_done = session.write_response_tasks(filtered_tasks).await?;
+        // wingman-edge patch: a held-back body goes out before the task that ends it
+        let response_done = self
+            .write_response_tasks_with_backlog(session, filtered_tasks, ctx)
+            .await?;
 
         Ok(Some(response_done))
     }

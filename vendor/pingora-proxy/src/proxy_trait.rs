@@ -162,9 +162,10 @@ pub trait ProxyHttp {
     /// (for example in `request_filter`, before any upstream is chosen).
     ///
     /// When this returns `Some`, the body is sent to the upstream on every attempt
-    /// (retries included) in place of the downstream body, which must then be fully
-    /// consumed. `request_body_filter` still sees it. The default, `None`, keeps
-    /// pingora's behaviour.
+    /// (retries included) in place of the downstream body read so far; if the
+    /// downstream body is not done yet, the rest of it is read and sent after it
+    /// (as after pingora's own retry buffer). `request_body_filter` still sees it.
+    /// The default, `None`, keeps pingora's behaviour.
     fn prebuffered_request_body(&self, _session: &Session, _ctx: &Self::CTX) -> Option<Bytes> {
         None
     }
@@ -487,6 +488,29 @@ pub trait ProxyHttp {
         _end_of_stream: bool,
         _ctx: &mut Self::CTX,
     ) -> Result<Option<Duration>>
+    where
+        Self::CTX: Send + Sync,
+    {
+        Ok(None)
+    }
+
+    /// wingman-edge patch: whether a body held back by [Self::response_body_filter()]
+    /// has chunks to write (cheap; checked before every batch of response tasks).
+    fn has_response_body_backlog(&self, _ctx: &Self::CTX) -> bool {
+        false
+    }
+
+    /// wingman-edge patch: the next held-back body chunk to write downstream, before
+    /// the response body task now due (`end_of_stream`: that task ends the body).
+    /// Called while [Self::has_response_body_backlog()] is true, until it returns
+    /// `None`. Lets an implementation that buffered a body (in memory or a file)
+    /// send it in chunks, with async I/O, instead of as one `Bytes`.
+    async fn response_body_backlog(
+        &self,
+        _session: &mut Session,
+        _end_of_stream: bool,
+        _ctx: &mut Self::CTX,
+    ) -> Result<Option<Bytes>>
     where
         Self::CTX: Send + Sync,
     {
