@@ -132,7 +132,9 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
                 flush_interval: crate::accesslog::DEFAULT_FLUSH_INTERVAL,
             })
             .map_err(|e| StartError::AccessLog(e.to_string()))?;
-            Some(Arc::new(log))
+            let log = Arc::new(log);
+            metrics.watch_access_log(log.clone());
+            Some(log)
         }
     };
     let conn_limit = (cfg.client.max_conns_per_ip > 0)

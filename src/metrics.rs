@@ -20,6 +20,10 @@ const DURATION_BUCKETS: &[f64] = &[
 
 pub struct Metrics {
     registry: Registry,
+    /// The access log whose counters `render` copies into the two series below.
+    access_log: parking_lot::Mutex<Option<std::sync::Arc<crate::accesslog::AccessLog>>>,
+    access_log_lines: IntCounterVec,
+    access_log_reopens: IntCounterVec,
     pub requests: IntCounterVec,
     pub duration: HistogramVec,
     pub connect_failures: IntCounterVec,
@@ -262,6 +266,17 @@ impl Metrics {
                 "Requests answered 429 by a route's rate limit",
                 &["route"]
             )),
+            access_log: parking_lot::Mutex::new(None),
+            access_log_lines: reg!(counter(
+                "wingman_edge_access_log_lines_total",
+                "Access log lines by result: written, dropped (queue full), write_error (lost)",
+                &["result"]
+            )),
+            access_log_reopens: reg!(counter(
+                "wingman_edge_access_log_reopens_total",
+                "Access log file reopens (SIGHUP, for logrotate) by result: ok, failed",
+                &["result"]
+            )),
             registry,
         }
     }
@@ -298,7 +313,32 @@ impl Metrics {
     }
 
     /// Renders the text exposition, after filling the state gauges from `snap`.
+    /// Makes `render` report this access log's counters.
+    pub fn watch_access_log(&self, log: std::sync::Arc<crate::accesslog::AccessLog>) {
+        *self.access_log.lock() = Some(log);
+    }
+
+    /// Copies the access log's own counters (kept off the request path by the log)
+    /// into their series.
+    fn sync_access_log(&self) {
+        // held throughout, so two renders never both add the same difference
+        let guard = self.access_log.lock();
+        let Some(log) = guard.as_ref() else {
+            return;
+        };
+        let catch_up = |c: &IntCounterVec, label: &str, now: u64| {
+            let c = c.with_label_values(&[label]);
+            c.inc_by(now.saturating_sub(c.get()));
+        };
+        catch_up(&self.access_log_lines, "written", log.written());
+        catch_up(&self.access_log_lines, "dropped", log.dropped());
+        catch_up(&self.access_log_lines, "write_error", log.write_errors());
+        catch_up(&self.access_log_reopens, "ok", log.reopens());
+        catch_up(&self.access_log_reopens, "failed", log.reopen_failures());
+    }
+
     pub fn render(&self, snap: &Snapshot) -> Vec<u8> {
+        self.sync_access_log();
         self.server_healthy.reset();
         self.server_in_flight.reset();
         self.pool_in_flight.reset();

@@ -171,6 +171,11 @@ async fn access_log_lines_parse_in_both_formats_and_the_file_is_reopened_after_r
     assert!(!std::fs::read_to_string(&rotated)
         .unwrap()
         .contains("/second"));
+    assert_eq!(
+        edge.metric("wingman_edge_access_log_reopens_total{result=\"ok\"}")
+            .await,
+        Some(1.0)
+    );
     drop(edge);
     // combined
     let edge = Edge::start(&format!(
@@ -271,6 +276,22 @@ upstream = "app"
     assert!(uris.contains(&"\"/ws\"".to_owned()), "{uris:?}");
     assert!(uris.contains(&"\"/plain?page=2\"".to_owned()), "{uris:?}");
     assert!(uris.contains(&"\"/quiet/x\"".to_owned()), "{uris:?}");
+    // the upstream time is filled in for proxied requests
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(v["upstream_time_ms"].as_f64().is_some(), "{line}");
+    }
+    // and the log's own counters are metrics
+    assert_eq!(
+        edge.metric("wingman_edge_access_log_lines_total{result=\"written\"}")
+            .await,
+        Some(3.0)
+    );
+    assert_eq!(
+        edge.metric("wingman_edge_access_log_lines_total{result=\"dropped\"}")
+            .await,
+        Some(0.0)
+    );
 }
 
 /// Resident memory of a process, in bytes (Linux).

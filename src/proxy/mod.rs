@@ -72,6 +72,9 @@ pub struct Ctx {
     /// When the last upstream attempt was started (the request time of RFC 9111
     /// §4.2.3's age calculation).
     upstream_sent: std::time::SystemTime,
+    /// When the last upstream attempt started, and when its response last
+    /// delivered something (header or body): the access log's upstream time.
+    upstream_timing: Option<(Instant, Instant)>,
     /// The status the edge itself answered with, if it did.
     edge_status: Option<u16>,
     retry_after: bool,
@@ -400,7 +403,9 @@ impl Edge {
             request_id: Some(ctx.request_id.clone()),
             route: ctx.route().map(|r| r.name.clone()),
             upstream,
-            upstream_time_ms: None,
+            upstream_time_ms: ctx
+                .upstream_timing
+                .map(|(start, last)| last.duration_since(start).as_secs_f64() * 1000.0),
             request_time_ms: ctx.start.elapsed().as_secs_f64() * 1000.0,
             cache_status: ctx.cache_outcome.map(|o| o.label().to_owned()),
             compression: ctx.encoder.as_ref().map(|e| e.coding.token().to_owned()),
@@ -531,6 +536,7 @@ impl ProxyHttp for Edge {
             retry_after_secs: None,
             arrived: std::time::SystemTime::now(),
             upstream_sent: std::time::SystemTime::now(),
+            upstream_timing: None,
             edge_status: None,
             retry_after: false,
             edge_reason: None,
@@ -887,6 +893,8 @@ impl ProxyHttp for Edge {
         }
         ctx.attempts += 1;
         ctx.upstream_sent = std::time::SystemTime::now();
+        let started = Instant::now();
+        ctx.upstream_timing = Some((started, started));
         let server = &pool.servers[lease.index];
         let sni = if pool.tls.enabled {
             pool.sni_for(server)
@@ -952,6 +960,9 @@ impl ProxyHttp for Edge {
                 lease.server.record_success();
             }
         }
+        if let Some((_, last)) = ctx.upstream_timing.as_mut() {
+            *last = Instant::now();
+        }
         headers::strip_hop_by_hop_response(resp);
         if resp.status.as_u16() == 304 && session.cache.enabled() {
             ctx.cache_304 = Some(Box::new(resp.clone()));
@@ -981,6 +992,9 @@ impl ProxyHttp for Edge {
         end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<std::time::Duration>> {
+        if let Some((_, last)) = ctx.upstream_timing.as_mut() {
+            *last = Instant::now();
+        }
         if let Some(enc) = ctx.encoder.as_mut() {
             let input = body.take().unwrap_or_default();
             let out = enc.encode(&input, end_of_stream).map_err(|e| {
