@@ -14,7 +14,7 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
-use signal_hook::consts::{SIGHUP, SIGUSR2};
+use signal_hook::consts::{SIGHUP, SIGQUIT, SIGUSR2};
 use signal_hook::iterator::Signals;
 
 use crate::admin::Admin;
@@ -79,7 +79,8 @@ pub fn check(path: PathBuf) -> Result<Config, ReloadError> {
 
 /// Starts the edge and serves until it is told to stop. Returns only on a start error.
 pub fn run(opts: RunOptions) -> Result<(), StartError> {
-    let mut signals = Signals::new([SIGHUP, SIGUSR2]).map_err(StartError::Signal)?;
+    // SIGUSR2 and SIGQUIT (upgrades) too: their default actions would end the process
+    let mut signals = Signals::new([SIGHUP, SIGUSR2, SIGQUIT]).map_err(StartError::Signal)?;
     // the binary as started: after it is replaced on disk, /proc/self/exe names a
     // deleted file, but this path names the new one
     let exe = std::env::args_os()
@@ -153,6 +154,10 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
     let server_conf = server.configuration.clone();
+    let table = crate::upgrade::ListenerTable::default();
+    server.add_service(table.service());
+    // every address given to pingora, as it keys its socket table
+    let mut listen_addrs = vec![cfg.admin.address.clone()];
 
     // one proxy service per kind of listener (server options are per service):
     // cleartext with h2c, cleartext without, and TLS (h2 over ALPN)
@@ -192,6 +197,7 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
         let mut service = Service::new(name.to_string(), app);
         for l in listeners {
             let addr = l.addr.to_string();
+            listen_addrs.push(addr.clone());
             match &l.certs {
                 None => service.add_tcp(&addr),
                 Some(certs) => {
@@ -244,22 +250,19 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
         },
     ));
 
-    if !opts.daemon {
-        if let Err(e) = std::fs::write(&cfg.server.pid_file, format!("{}\n", std::process::id())) {
-            log::warn!(
-                "cannot write pid file {}: {e}",
-                cfg.server.pid_file.display()
-            );
-        }
-    }
-
+    let (upgrades, requests) = tokio::sync::mpsc::unbounded_channel();
     let reload_thread = reloader.clone();
     std::thread::Builder::new()
         .name("sighup".into())
         .spawn(move || {
             for signal in signals.forever() {
-                if signal == SIGUSR2 {
-                    upgrade_self(exe.as_deref(), &reload_thread.path);
+                if signal == SIGUSR2 || signal == SIGQUIT {
+                    let trigger = if signal == SIGUSR2 {
+                        crate::upgrade::Trigger::Spawn
+                    } else {
+                        crate::upgrade::Trigger::External
+                    };
+                    let _ = upgrades.send(trigger);
                     continue;
                 }
                 log::info!("SIGHUP: reloading {}", reload_thread.path.display());
@@ -272,9 +275,18 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
         })
         .map_err(StartError::Runtime)?;
 
-    // tell systemd (Type=notify) once the services run; after an upgrade this also
-    // names this process as the unit's main process
+    // once the services run and every listener is up: after an upgrade, tell the
+    // old process (which drains only then); write the pid file; tell systemd
+    // (Type=notify), which after an upgrade also names this process as the main one
     let mut phases = server.watch_execution_phase();
+    let ready = Readiness {
+        table: table.clone(),
+        listen_addrs,
+        upgrade: opts.upgrade,
+        upgrade_sock: cfg.server.upgrade_sock.clone(),
+        pid_file: (!opts.daemon).then(|| cfg.server.pid_file.clone()),
+        timeout: cfg.server.upgrade_timeout.get(),
+    };
     std::thread::Builder::new()
         .name("sd-notify".into())
         .spawn(move || {
@@ -284,45 +296,73 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
             rt.block_on(async move {
                 while let Ok(phase) = phases.recv().await {
                     if matches!(phase, pingora::server::ExecutionPhase::Running) {
-                        crate::sdnotify::ready();
                         return;
                     }
                 }
             });
+            if let Err(e) = ready.announce() {
+                log::error!("wingman-edge cannot serve: {e}");
+                std::process::exit(1);
+            }
         })
         .map_err(StartError::Runtime)?;
 
+    let signals = crate::upgrade::Signals {
+        handover: crate::upgrade::Handover {
+            table,
+            exe,
+            config: opts.config.clone(),
+            upgrade_sock: cfg.server.upgrade_sock.clone(),
+            timeout: cfg.server.upgrade_timeout.get(),
+            metrics: metrics.clone(),
+            ready_task: Default::default(),
+        },
+        requests: tokio::sync::Mutex::new(requests),
+    };
     log::info!("wingman-edge started: {}", cfg.summary());
-    server.run_forever()
+    server.run(pingora::server::RunArgs {
+        shutdown_signal: Box::new(signals),
+    });
+    std::process::exit(0)
 }
 
-/// SIGUSR2, like nginx and HAProxy: start the binary (as it is on disk now) with
-/// `--upgrade` as a child, in this service's cgroup, then hand the listening sockets
-/// over and drain (pingora's SIGQUIT). The child tells systemd it is the new main
-/// process once it serves.
-fn upgrade_self(exe: Option<&std::path::Path>, config: &std::path::Path) {
-    let Some(exe) = exe else {
-        log::error!("SIGUSR2: cannot find the binary to upgrade to");
-        return;
-    };
-    log::warn!("SIGUSR2: upgrading to {}", exe.display());
-    match std::process::Command::new(exe)
-        .args(["run", "--upgrade", "-c"])
-        .arg(config)
-        .stdin(std::process::Stdio::null())
-        .spawn()
-    {
-        Ok(child) => {
-            log::warn!(
-                "SIGUSR2: new process {}; handing the sockets over",
-                child.id()
-            );
-            let me = nix::unistd::Pid::from_raw(std::process::id() as i32);
-            if let Err(e) = nix::sys::signal::kill(me, nix::sys::signal::Signal::SIGQUIT) {
-                log::error!("SIGUSR2: cannot start the hand-over: {e}");
+/// What a starting process does once pingora runs its services.
+struct Readiness {
+    table: crate::upgrade::ListenerTable,
+    listen_addrs: Vec<String>,
+    upgrade: bool,
+    upgrade_sock: PathBuf,
+    pid_file: Option<PathBuf>,
+    timeout: std::time::Duration,
+}
+
+impl Readiness {
+    fn announce(self) -> Result<(), String> {
+        let deadline = std::time::Instant::now() + self.timeout;
+        loop {
+            let missing = self.table.missing(&self.listen_addrs);
+            if missing.is_empty() {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "listeners not up after {:?}: {}",
+                    self.timeout,
+                    missing.join(", ")
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        if self.upgrade {
+            crate::upgrade::report_ready(&self.upgrade_sock)?;
+        }
+        if let Some(pid_file) = &self.pid_file {
+            if let Err(e) = std::fs::write(pid_file, format!("{}\n", std::process::id())) {
+                log::warn!("cannot write pid file {}: {e}", pid_file.display());
             }
         }
-        Err(e) => log::error!("SIGUSR2: cannot start {}: {e}", exe.display()),
+        crate::sdnotify::ready();
+        Ok(())
     }
 }
 

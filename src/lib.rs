@@ -21,4 +21,5 @@ pub mod route;
 pub mod sdnotify;
 pub mod snapshot;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream;

@@ -52,8 +52,9 @@ enum Command {
         fast: bool,
     },
     /// Replace the running edge with this binary without dropping connections:
-    /// start it with --upgrade (it takes the listening sockets over), then tell the
-    /// old process to hand them over and drain (SIGQUIT).
+    /// start it with --upgrade, ask the old process to hand the sockets over
+    /// (SIGQUIT); the old one drains once the new one serves. Exit 1 when the new
+    /// process fails (the old one keeps serving).
     Upgrade {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
@@ -131,10 +132,7 @@ fn control(config: &std::path::Path, what: Control) -> ExitCode {
         },
     };
     let pid_file = &cfg.server.pid_file;
-    let pid = match std::fs::read_to_string(pid_file)
-        .map_err(|e| e.to_string())
-        .and_then(|s| s.trim().parse::<i32>().map_err(|e| e.to_string()))
-    {
+    let pid = match read_pid(pid_file) {
         Ok(pid) => nix::unistd::Pid::from_raw(pid),
         Err(e) => {
             eprintln!(
@@ -149,7 +147,7 @@ fn control(config: &std::path::Path, what: Control) -> ExitCode {
         Control::Reload => kill(pid, Signal::SIGHUP),
         Control::Stop => kill(pid, Signal::SIGTERM),
         Control::StopFast => kill(pid, Signal::SIGINT),
-        Control::Upgrade => return upgrade(config, pid, pid_file),
+        Control::Upgrade => return upgrade(config, &cfg, pid),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -160,12 +158,20 @@ fn control(config: &std::path::Path, what: Control) -> ExitCode {
     }
 }
 
-/// Starts the new process (same arguments, `--upgrade`), waits until it waits for
-/// the sockets, then asks the old one to hand them over.
+fn read_pid(pid_file: &std::path::Path) -> Result<i32, String> {
+    std::fs::read_to_string(pid_file)
+        .map_err(|e| e.to_string())
+        .and_then(|s| s.trim().parse::<i32>().map_err(|e| e.to_string()))
+}
+
+/// Starts the new process (`run --upgrade`), asks the old one to hand the sockets
+/// over (SIGQUIT), and waits for the outcome: the new process serving (it writes
+/// the pid file once the old one accepted its ready report) or failing (it exits,
+/// or is not ready within `server.upgrade_timeout`; the old one keeps serving).
 fn upgrade(
     config: &std::path::Path,
+    cfg: &wingman_edge::config::Config,
     old: nix::unistd::Pid,
-    pid_file: &std::path::Path,
 ) -> ExitCode {
     use nix::sys::signal::{kill, Signal};
     let exe = match std::env::current_exe() {
@@ -183,24 +189,42 @@ fn upgrade(
         // wait for the new process to exit); logs go to stderr as usual
         .stdout(std::process::Stdio::null())
         .spawn();
-    let child = match child {
+    let mut child = match child {
         Ok(c) => c,
         Err(e) => {
             eprintln!("wingman-edge: cannot start the new process: {e}");
             return ExitCode::FAILURE;
         }
     };
-    // the new process writes the pid file only after it got the sockets; give it a
-    // moment to start listening on the upgrade socket first
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    let new = child.id() as i32;
+    // the old process sends the sockets once the new one listens for them
     if let Err(e) = kill(old, Signal::SIGQUIT) {
+        let _ = child.kill();
+        let _ = child.wait();
         eprintln!("wingman-edge: signalling the old process {old}: {e}");
         return ExitCode::FAILURE;
     }
-    println!(
-        "upgrade started: new pid {} (pid file {}), old pid {old} drains",
-        child.id(),
-        pid_file.display()
-    );
-    ExitCode::SUCCESS
+    let pid_file = &cfg.server.pid_file;
+    let limit = cfg.server.upgrade_timeout.get() + std::time::Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + limit;
+    let failed = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break format!("the new process exited ({status})");
+        }
+        if read_pid(pid_file) == Ok(new) {
+            println!(
+                "upgraded: pid {new} serves (pid file {}), old pid {old} drains",
+                pid_file.display()
+            );
+            return ExitCode::SUCCESS;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break format!("the new process was not ready within {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    eprintln!("wingman-edge: upgrade failed: {failed}; the old process {old} keeps serving");
+    ExitCode::FAILURE
 }

@@ -61,6 +61,7 @@ pub struct Metrics {
     pub cache_objects: IntGauge,
     pub cache_evictions: IntGauge,
     pub rate_limited: IntCounterVec,
+    pub upgrade_failures: IntCounter,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -276,6 +277,10 @@ impl Metrics {
                 "wingman_edge_access_log_reopens_total",
                 "Access log file reopens (SIGHUP, for logrotate) by result: ok, failed",
                 &["result"]
+            )),
+            upgrade_failures: reg!(IntCounter::new(
+                "wingman_edge_upgrade_failures_total",
+                "Binary upgrades given up (the new process was not ready in time); this process kept serving"
             )),
             registry,
         }

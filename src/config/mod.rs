@@ -162,6 +162,10 @@ pub struct ServerSection {
     /// The socket a graceful binary upgrade hands listeners over.
     #[serde(default = "default_upgrade_sock")]
     pub upgrade_sock: PathBuf,
+    /// How long an upgrade waits for the new process to serve before the old one
+    /// gives up and keeps serving.
+    #[serde(default = "default_upgrade_timeout")]
+    pub upgrade_timeout: HumanDuration,
     /// Idle upstream connections kept for reuse, in total.
     #[serde(default = "default_upstream_keepalive_pool_size")]
     pub upstream_keepalive_pool_size: usize,
@@ -186,6 +190,7 @@ impl Default for ServerSection {
             graceful_shutdown_timeout: default_graceful_shutdown_timeout(),
             pid_file: default_pid_file(),
             upgrade_sock: default_upgrade_sock(),
+            upgrade_timeout: default_upgrade_timeout(),
             upstream_keepalive_pool_size: default_upstream_keepalive_pool_size(),
             upstream_ca_file: None,
             temp_dir: default_temp_dir(),
@@ -691,6 +696,9 @@ fn default_pid_file() -> PathBuf {
 }
 fn default_upgrade_sock() -> PathBuf {
     PathBuf::from("/tmp/wingman-edge-upgrade.sock")
+}
+fn default_upgrade_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
 }
 fn default_upstream_keepalive_pool_size() -> usize {
     256

@@ -320,6 +320,18 @@ impl Edge {
         body: &str,
         env: &[(&str, &str)],
     ) -> Edge {
+        let exe = std::path::Path::new(env!("CARGO_BIN_EXE_wingman-edge"));
+        Self::start_exe(exe, server_extra, admin_extra, body, env).await
+    }
+
+    /// [`Edge::start_full`] with another binary (a copy a test may replace).
+    pub async fn start_exe(
+        exe: &std::path::Path,
+        server_extra: &str,
+        admin_extra: &str,
+        body: &str,
+        env: &[(&str, &str)],
+    ) -> Edge {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let admin_port = free_port();
@@ -327,7 +339,7 @@ impl Edge {
         let config_path = dir.path().join("edge.toml");
         std::fs::write(&config_path, format!("{header}\n{body}")).expect("write config");
         let log = std::fs::File::create(dir.path().join("edge.log")).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_wingman-edge"))
+        let child = Command::new(exe)
             .args(["run", "-c"])
             .arg(&config_path)
             .env("RUST_LOG", "info")
