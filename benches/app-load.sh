@@ -94,6 +94,8 @@ upgrade_sock = "$WORK/upgrade.sock"
 address = "127.0.0.1:8090"
 [admin]
 address = "127.0.0.1:9991"
+[client]
+max_conns_per_ip = 0   # every simulated user comes from 127.0.0.1
 [[upstreams]]
 name = "app"
 algorithm = "least_conn"

@@ -51,6 +51,7 @@ address = "127.0.0.1:0"
 [client]
 keepalive_timeout = "75s"   # as nginx/HAProxy in the harness
 keepalive_requests = 0      # no limit (nginx: keepalive_requests 1000000)
+max_conns_per_ip = 0        # the load generator is one address
 
 [[upstreams]]
 name = "origin"

@@ -68,6 +68,7 @@ h2 = false
 address = "127.0.0.1:0"
 [client]
 keepalive_requests = 0
+max_conns_per_ip = 0
 [[upstreams]]
 name = "origin"
 servers = [{ address = "127.0.0.1:19441" }]

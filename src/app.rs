@@ -188,40 +188,44 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
             (cfg.client.keepalive_requests > 0).then_some(cfg.client.keepalive_requests);
         options.h2_idle_timeout = Some(cfg.client.keepalive_timeout.get());
         proxy.server_options = Some(options);
+        // TLS listeners are bound as plain TCP: EdgeApp takes the per-address slot
+        // at accept and runs the handshake under client.header_timeout
+        let mut tls = Vec::new();
+        for l in &listeners {
+            listen_addrs.push(l.addr.to_string());
+            let Some(certs) = &l.certs else {
+                continue;
+            };
+            let resolver = SniResolver::new_shared(certs.clone());
+            reloader.register_resolver(l.addr, resolver.clone());
+            let tls_cfg = cfg
+                .listeners
+                .iter()
+                .find(|c| c.address.parse().ok() == Some(l.addr))
+                .and_then(|c| c.tls.clone());
+            let mut settings = TlsSettings::with_callbacks(Box::new(NoCallbacks))
+                .map_err(|e| StartError::Tls(e.to_string()))?;
+            settings.set_cert_resolver(resolver);
+            if tls_cfg.as_ref().is_none_or(|t| t.h2) {
+                settings.enable_h2();
+            }
+            if let Some(ca) = tls_cfg.as_ref().and_then(|t| t.client_ca.as_ref()) {
+                settings.set_client_cert_verifier(
+                    crate::tls::client_verifier(ca).map_err(StartError::Tls)?,
+                );
+            }
+            tls.push((l.addr, Arc::new(settings.build())));
+        }
         let app = EdgeApp {
             proxy: Arc::new(proxy),
             snapshots: reloader.snapshots.clone(),
             metrics: metrics.clone(),
             conn_limit: conn_limit.clone(),
+            tls,
         };
         let mut service = Service::new(name.to_string(), app);
         for l in listeners {
-            let addr = l.addr.to_string();
-            listen_addrs.push(addr.clone());
-            match &l.certs {
-                None => service.add_tcp(&addr),
-                Some(certs) => {
-                    let resolver = SniResolver::new_shared(certs.clone());
-                    reloader.register_resolver(l.addr, resolver.clone());
-                    let tls_cfg = cfg
-                        .listeners
-                        .iter()
-                        .find(|c| c.address.parse().ok() == Some(l.addr))
-                        .and_then(|c| c.tls.clone());
-                    let mut settings = TlsSettings::with_callbacks(Box::new(NoCallbacks))
-                        .map_err(|e| StartError::Tls(e.to_string()))?;
-                    settings.set_cert_resolver(resolver);
-                    if tls_cfg.as_ref().is_none_or(|t| t.h2) {
-                        settings.enable_h2();
-                    }
-                    if let Some(ca) = tls_cfg.as_ref().and_then(|t| t.client_ca.as_ref()) {
-                        settings.set_client_cert_verifier(
-                            crate::tls::client_verifier(ca).map_err(StartError::Tls)?,
-                        );
-                    }
-                    service.add_tls_with_settings(&addr, None, settings);
-                }
-            }
+            service.add_tcp(&l.addr.to_string());
         }
         service.threads = Some(cfg.server.threads);
         server.add_service(service);

@@ -8,20 +8,34 @@
 //! and from the first byte for later ones) and one size cap
 //! (`client.max_header_bytes`), then hands the bytes to pingora as the session's
 //! pipelined prefix, so pingora parses them without another read. Too slow: 408 (or
-//! a silent close if nothing was sent). Too large: 431. HTTP/2 connections (h2c
-//! prior knowledge or ALPN) go to pingora unchanged.
+//! a silent close if nothing was sent). Too large: 431.
+//!
+//! The per-address connection slot (`client.max_conns_per_ip`) is taken at accept.
+//! TLS listeners reach pingora as plain TCP ones: the TLS handshake is done here,
+//! under the same deadline as the first request head, and so is the HTTP/2
+//! connection preface (the magic and the client's first SETTINGS frame, read here
+//! and handed to pingora's HTTP/2 server ahead of the rest), for h2 over ALPN and
+//! h2c with prior knowledge alike.
 
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::BytesMut;
+use bytes::{Buf, Bytes, BytesMut};
 use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::listeners::tls::Acceptor;
 use pingora::protocols::http::ServerSession;
-use pingora::protocols::{Stream, ALPN};
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
+    TimingDigest, UniqueID, UniqueIDType, ALPN,
+};
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
@@ -37,6 +51,8 @@ pub struct EdgeApp {
     pub metrics: Arc<Metrics>,
     /// Open connections per client address (`client.max_conns_per_ip`).
     pub conn_limit: Option<crate::ratelimit::ConnLimiter>,
+    /// TLS listeners of this service (bound as plain TCP) and their acceptors.
+    pub tls: Vec<(SocketAddr, Arc<Acceptor>)>,
 }
 
 /// Why no request head could be read.
@@ -57,6 +73,11 @@ impl ServerApp for EdgeApp {
         mut stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let limits = self.snapshots.load().client;
+        // the TLS handshake, an HTTP/2 preface and the first request head are due
+        // within header_timeout of the accept
+        let deadline = Instant::now() + limits.header_timeout;
+        let acceptor = self.acceptor(&stream);
         // held for the whole connection; released on return
         let _conn_slot = match &self.conn_limit {
             None => None,
@@ -65,6 +86,11 @@ impl ServerApp for EdgeApp {
                     .get_socket_digest()
                     .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
                 match peer.map(|ip| limiter.acquire(ip)) {
+                    // no HTTP answer before a TLS handshake: just close
+                    Some(None) if acceptor.is_some() => {
+                        self.count_rejected(429);
+                        return None;
+                    }
                     Some(None) => {
                         self.reject(&mut stream, 429, "Too Many Requests").await;
                         return None;
@@ -74,18 +100,32 @@ impl ServerApp for EdgeApp {
                 }
             }
         };
-        let limits = self.snapshots.load().client;
+        if let Some(acceptor) = acceptor {
+            // a TLS listener's connection reaches here as pingora's plain TCP stream
+            let tcp = stream
+                .into_any()
+                .downcast::<pingora::protocols::l4::stream::Stream>()
+                .ok()?;
+            match tokio::time::timeout_at(deadline, acceptor.tls_handshake(*tcp)).await {
+                Ok(Ok(tls)) => stream = Box::new(tls),
+                Ok(Err(e)) => {
+                    log::debug!("TLS handshake failed: {e}");
+                    return None;
+                }
+                Err(_) => return None,
+            }
+        }
         let h2c = self.proxy.server_options.as_ref().is_some_and(|o| o.h2c);
         let tls = stream.get_ssl_digest().is_some();
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            return ServerApp::process_new(&self.proxy, stream, shutdown).await;
+            return self.serve_h2(stream, deadline, shutdown).await;
         }
         if h2c && !tls {
             let mut buf = [0u8; H2_PREFACE.len()];
             // pingora's peek waits for 24 bytes without a deadline: give it one
-            match tokio::time::timeout(limits.header_timeout, stream.try_peek(&mut buf)).await {
+            match tokio::time::timeout_at(deadline, stream.try_peek(&mut buf)).await {
                 Ok(Ok(true)) if buf == H2_PREFACE => {
-                    return ServerApp::process_new(&self.proxy, stream, shutdown).await;
+                    return self.serve_h2(stream, deadline, shutdown).await;
                 }
                 Ok(Ok(_)) => {}
                 Ok(Err(_)) | Err(_) => return None,
@@ -104,7 +144,7 @@ impl ServerApp for EdgeApp {
             let limits = self.snapshots.load().client;
             let head = match read_head(
                 &mut stream,
-                first,
+                first.then_some(deadline),
                 limits.header_timeout,
                 limits.keepalive_timeout,
                 limits.max_header_bytes,
@@ -150,11 +190,49 @@ impl ServerApp for EdgeApp {
 }
 
 impl EdgeApp {
-    async fn reject(&self, stream: &mut Stream, status: u16, reason: &str) {
+    /// The acceptor of the TLS listener this connection came in on.
+    fn acceptor(&self, stream: &Stream) -> Option<Arc<Acceptor>> {
+        if self.tls.is_empty() {
+            return None;
+        }
+        let local = stream
+            .get_socket_digest()
+            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied())?;
+        self.tls
+            .iter()
+            .find(|(l, _)| {
+                l.port() == local.port() && (l.ip() == local.ip() || l.ip().is_unspecified())
+            })
+            .map(|(_, a)| a.clone())
+    }
+
+    /// Reads the HTTP/2 connection preface by the deadline, then hands the
+    /// connection (those bytes first) to pingora's HTTP/2 server.
+    async fn serve_h2(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        deadline: Instant,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let head = tokio::time::timeout_at(deadline, read_h2_preface(&mut stream))
+            .await
+            .ok()??;
+        let stream: Stream = Box::new(Replay {
+            head: head.freeze(),
+            inner: stream,
+        });
+        ServerApp::process_new(&self.proxy, stream, shutdown).await
+    }
+
+    fn count_rejected(&self, status: u16) {
         self.metrics
             .rejected_requests
             .with_label_values(&[&status.to_string()])
             .inc();
+    }
+
+    async fn reject(&self, stream: &mut Stream, status: u16, reason: &str) {
+        self.count_rejected(status);
         let id = crate::proxy::headers::new_request_id();
         let body = format!("{status} {reason}\n");
         let resp = format!(
@@ -171,22 +249,23 @@ impl EdgeApp {
 }
 
 /// Reads one request head (through its blank line) plus whatever follows in the same
-/// reads. `first`: the first request of the connection, whose deadline counts from
-/// now; later requests may idle for `idle` before their first byte.
+/// reads. `first`: the deadline of the connection's first request (counted from the
+/// accept); later requests may idle for `idle` before their first byte.
 async fn read_head(
     stream: &mut Stream,
-    first: bool,
+    first: Option<Instant>,
     header_timeout: Duration,
     idle: Duration,
     max_bytes: usize,
     shutdown: &ShutdownWatch,
 ) -> Result<BytesMut, HeadError> {
     let mut shutdown = shutdown.clone();
+    let mut deadline = first.unwrap_or_else(|| Instant::now() + idle);
+    let first = first.is_some();
     if *shutdown.borrow() && !first {
         return Err(HeadError::Closed);
     }
     let mut buf = BytesMut::with_capacity(4096);
-    let mut deadline = Instant::now() + if first { header_timeout } else { idle };
     let mut started = first;
     loop {
         let read = tokio::select! {
@@ -210,6 +289,159 @@ async fn read_head(
             None if buf.len() > max_bytes => return Err(HeadError::TooLarge),
             None => {}
         }
+    }
+}
+
+/// The client's HTTP/2 connection preface: the magic, then a SETTINGS frame (RFC
+/// 9113 3.4), with whatever else arrived in the same reads. None when the client
+/// closed or sent something else.
+async fn read_h2_preface(stream: &mut Stream) -> Option<BytesMut> {
+    const SETTINGS: u8 = 0x4;
+    const FRAME_HEADER: usize = 9;
+    // SETTINGS carries 6 bytes per setting; no client sends more than a few
+    const MAX_SETTINGS: usize = 16 * 1024;
+    let mut buf = BytesMut::with_capacity(256);
+    let mut need = H2_PREFACE.len() + FRAME_HEADER;
+    while buf.len() < need {
+        if stream.read_buf(&mut buf).await.ok()? == 0 {
+            return None;
+        }
+        if need == H2_PREFACE.len() + FRAME_HEADER && buf.len() >= need {
+            let frame = &buf[H2_PREFACE.len()..];
+            let len =
+                usize::from(frame[0]) << 16 | usize::from(frame[1]) << 8 | usize::from(frame[2]);
+            if &buf[..H2_PREFACE.len()] != H2_PREFACE || frame[3] != SETTINGS || len > MAX_SETTINGS
+            {
+                return None;
+            }
+            need += len;
+        }
+    }
+    Some(buf)
+}
+
+/// A connection whose first bytes were already read; they are read again first.
+#[derive(Debug)]
+struct Replay {
+    head: Bytes,
+    inner: Stream,
+}
+
+impl AsyncRead for Replay {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.head.is_empty() {
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
+        }
+        let n = self.head.len().min(buf.remaining());
+        buf.put_slice(&self.head[..n]);
+        self.head.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Replay {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[async_trait]
+impl Shutdown for Replay {
+    async fn shutdown(&mut self) {
+        Shutdown::shutdown(&mut *self.inner).await
+    }
+}
+
+impl UniqueID for Replay {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for Replay {
+    fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for Replay {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for Replay {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for Replay {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+#[async_trait]
+impl Peek for Replay {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
+        if self.head.len() < buf.len() {
+            return Ok(false);
+        }
+        buf.copy_from_slice(&self.head[..buf.len()]);
+        Ok(true)
     }
 }
 

@@ -92,6 +92,19 @@ fn pool(origin: &Origin, route_extra: &str) -> String {
     )
 }
 
+/// GET https://a.test:PORT/PATH with a client trusting `ca` (h2 when offered).
+async fn https_get(ca: &Ca, port: u16, path: &str) -> reqwest::Response {
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.pem.as_bytes()).unwrap())
+        .resolve("a.test", ([127, 0, 0, 1], port).into())
+        .build()
+        .unwrap()
+        .get(format!("https://a.test:{port}{path}"))
+        .send()
+        .await
+        .unwrap()
+}
+
 /// Handshakes with `sni` and returns the names (CN) of the certificate the edge
 /// presented, plus the open stream.
 async fn handshake(
@@ -164,16 +177,7 @@ async fn sni_chooses_the_certificate_and_h2_is_offered_over_alpn() {
         "cert-b"
     );
     // h2 over ALPN
-    let client = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(ca.pem.as_bytes()).unwrap())
-        .resolve("a.test", ([127, 0, 0, 1], port).into())
-        .build()
-        .unwrap();
-    let resp = client
-        .get(format!("https://a.test:{port}/x"))
-        .send()
-        .await
-        .unwrap();
+    let resp = https_get(&ca, port, "/x").await;
     assert_eq!(resp.version(), reqwest::Version::HTTP_2);
     assert_eq!(resp.text().await.unwrap(), "o");
     assert_eq!(
@@ -322,16 +326,7 @@ async fn cleartext_redirects_to_https_and_hsts_is_sent_over_tls_only() {
     );
     let plain = reqwest::get(edge.url("/")).await.unwrap();
     assert!(plain.headers().get("strict-transport-security").is_none());
-    let client = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(ca.pem.as_bytes()).unwrap())
-        .resolve("a.test", ([127, 0, 0, 1], tls_port).into())
-        .build()
-        .unwrap();
-    let secure = client
-        .get(format!("https://a.test:{tls_port}/"))
-        .send()
-        .await
-        .unwrap();
+    let secure = https_get(&ca, tls_port, "/").await;
     assert_eq!(
         secure.headers()["strict-transport-security"],
         "max-age=63072000; includeSubDomains"
@@ -460,5 +455,153 @@ async fn health_checks_of_a_tls_pool_probe_over_tls_and_verify() {
         "the mismatching server is probed down",
         || async { wrong.server_status("secure", &server).await["healthy"] == false },
     )
+    .await;
+}
+
+/// An edge with one TLS listener (a.test) and `client` keys; its TLS port.
+async fn tls_edge(ca: &Ca, origin: &Origin, client: &str) -> (Edge, u16) {
+    let leaf = ca.leaf("a", &["a.test"], "a");
+    let port = free_port();
+    let edge = Edge::start(&format!(
+        "[client]\n{client}\n{}\n{}",
+        tls_listener(port, &[leaf], ""),
+        pool(origin, "")
+    ))
+    .await;
+    (edge, port)
+}
+
+/// Reads until the edge closes (EOF or reset); false when it was still open after
+/// `limit`.
+async fn closed_within(s: &mut (impl tokio::io::AsyncRead + Unpin), limit: Duration) -> bool {
+    let mut sink = Vec::new();
+    tokio::time::timeout(limit, s.read_to_end(&mut sink))
+        .await
+        .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_handshakes_that_stall_are_closed_at_the_header_deadline() {
+    let ca = Ca::new();
+    let origin = Origin::start("o").await;
+    // no per-address cap here: every connection waits for its deadline
+    let (edge, port) = tls_edge(
+        &ca,
+        &origin,
+        "header_timeout = \"1s\"\nmax_conns_per_ip = 0",
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let mut stalled = Vec::new();
+    for _ in 0..500 {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        // the start of a ClientHello record, and then nothing
+        s.write_all(&[0x16, 0x03, 0x01, 0x00, 0xc8]).await.unwrap();
+        stalled.push(s);
+    }
+    let waits = stalled.into_iter().map(|mut s| {
+        tokio::spawn(async move { closed_within(&mut s, Duration::from_secs(15)).await })
+    });
+    let closed = futures_util::future::join_all(waits).await;
+    let open = closed.iter().filter(|c| !matches!(c, Ok(true))).count();
+    assert_eq!(
+        open, 0,
+        "{open} of 500 stalled handshakes still open after 15 s"
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+    // and the edge still serves
+    let (cn, _) = handshake(port, "a.test", ca.roots(), None).await.unwrap();
+    assert_eq!(cn, "a");
+    drop(edge);
+}
+
+/// A TLS connection that negotiated h2 over ALPN.
+async fn h2_tls(ca: &Ca, port: u16) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(ca.roots())
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let tls = connector
+        .connect(ServerName::try_from("a.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    tls
+}
+
+const H2_MAGIC: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+#[tokio::test]
+async fn an_h2_client_that_never_sends_its_preface_is_closed_at_the_header_deadline() {
+    let ca = Ca::new();
+    let origin = Origin::start("o").await;
+    let (edge, port) = tls_edge(&ca, &origin, "header_timeout = \"1s\"").await;
+    // ALPN h2, then silence
+    let mut silent = h2_tls(&ca, port).await;
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(5)).await,
+        "an h2 connection without a preface is still open"
+    );
+    // the magic, but no SETTINGS frame
+    let mut half = h2_tls(&ca, port).await;
+    half.write_all(H2_MAGIC).await.unwrap();
+    assert!(
+        closed_within(&mut half, Duration::from_secs(5)).await,
+        "an h2 connection without SETTINGS is still open"
+    );
+    // the same on the cleartext port (h2c with prior knowledge)
+    let mut h2c = tokio::net::TcpStream::connect(edge.addr()).await.unwrap();
+    h2c.write_all(H2_MAGIC).await.unwrap();
+    assert!(
+        closed_within(&mut h2c, Duration::from_secs(5)).await,
+        "an h2c connection without SETTINGS is still open"
+    );
+    // a real h2 client is served
+    let resp = https_get(&ca, port, "/").await;
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn the_per_address_connection_slot_is_taken_before_the_tls_handshake() {
+    let ca = Ca::new();
+    let origin = Origin::start("o").await;
+    let (edge, port) = tls_edge(&ca, &origin, "max_conns_per_ip = 2").await;
+    // connections that never start their handshake take the slots: of three,
+    // one is refused (counted) and closed
+    let mut opened = Vec::new();
+    for _ in 0..3 {
+        opened.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap(),
+        );
+    }
+    let refused = "wingman_edge_rejected_requests_total{status=\"429\"}";
+    edge.wait_metric(refused, 1.0).await;
+    let mut held = Vec::new();
+    for mut s in opened {
+        if !closed_within(&mut s, Duration::from_millis(500)).await {
+            held.push(s);
+        }
+    }
+    assert_eq!(held.len(), 2, "the refused connection was not closed");
+    let third = handshake(port, "a.test", ca.roots(), None).await;
+    assert!(
+        third.is_err(),
+        "a third connection from the address got through"
+    );
+    edge.wait_metric(refused, 2.0).await;
+    drop(held);
+    common::wait_until(Duration::from_secs(10), "slots released", || async {
+        handshake(port, "a.test", ca.roots(), None).await.is_ok()
+    })
     .await;
 }

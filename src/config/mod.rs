@@ -287,8 +287,9 @@ pub struct ClientLimits {
     /// the client address.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
-    /// Open connections allowed per client address (0: no limit). Set at start.
-    #[serde(default)]
+    /// Open connections allowed per client address (0: no limit), counted from the
+    /// accept. Set at start.
+    #[serde(default = "default_max_conns_per_ip")]
     pub max_conns_per_ip: u32,
 }
 
@@ -303,7 +304,7 @@ impl Default for ClientLimits {
             send_timeout: default_send_timeout(),
             min_send_rate: ByteSize(0),
             trusted_proxies: Vec::new(),
-            max_conns_per_ip: 0,
+            max_conns_per_ip: default_max_conns_per_ip(),
         }
     }
 }
@@ -711,6 +712,9 @@ fn default_header_timeout() -> HumanDuration {
 }
 fn default_keepalive_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(60))
+}
+fn default_max_conns_per_ip() -> u32 {
+    256
 }
 fn default_keepalive_requests() -> u32 {
     1000

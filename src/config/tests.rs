@@ -27,6 +27,7 @@ fn minimal_config_is_valid_and_takes_documented_defaults() {
     let c = parse(Path::new("edge.toml"), MINIMAL).expect("valid");
     assert_eq!(c.admin.address, "127.0.0.1:9901");
     assert_eq!(c.client.max_header_bytes, 32 * 1024);
+    assert_eq!(c.client.max_conns_per_ip, 256);
     assert_eq!(c.routes[0].path_prefix, "/");
     assert_eq!(c.upstreams[0].servers[0].weight, 1);
     assert_eq!(c.upstreams[0].algorithm, Algorithm::RoundRobin);
