@@ -132,6 +132,8 @@ pub struct Snapshot {
     pub buffers: crate::buffer::Budgets,
     /// Token for admin actions (none: loopback only).
     pub admin_token: Option<String>,
+    /// Names the admin may be addressed by (Host), lowercase.
+    pub admin_hosts: Vec<String>,
     /// Proxies whose X-Forwarded-For names the client.
     pub trusted_proxies: Vec<crate::ratelimit::IpNet>,
 }
@@ -347,6 +349,12 @@ impl Snapshot {
                 disk: cfg.server.buffer_disk.get(),
             },
             admin_token: cfg.admin.token.clone().filter(|t| !t.is_empty()),
+            admin_hosts: cfg
+                .admin
+                .hosts
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
             trusted_proxies: crate::ratelimit::parse_trusted_list(&cfg.client.trusted_proxies)
                 .unwrap_or_default(),
             listeners,

@@ -362,7 +362,10 @@ async fn purge_removes_one_url_or_a_prefix() {
     assert_eq!(origin.requests(), 2);
     let purge = |q: String| {
         let url = edge.admin_url(&format!("/cache/purge?{q}"));
-        async move { client().post(url).send().await.unwrap() }
+        async move {
+            let req = client().post(url).header("x-wingman-admin", "1");
+            req.send().await.unwrap()
+        }
     };
     let url = format!("http://{host}/fixed?cc=max-age%3D60&p=1");
     let resp = purge(format!(

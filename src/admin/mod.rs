@@ -6,7 +6,13 @@
 //!   and shows rates and p50/p95/p99 from the deltas);
 //! - actions: `POST /api/servers/{pool}/{server}/{drain|disable|enable}` and
 //!   `POST /cache/purge?url=|prefix=`, allowed with `Authorization: Bearer <admin.token>`
-//!   or, when no token is configured, from loopback clients only.
+//!   or, when no token is configured, from loopback clients sending
+//!   `X-Wingman-Admin: 1` (a header no web page can send cross-origin without a
+//!   CORS preflight, which this listener never grants).
+//!
+//! Every request must name this listener in Host (its address, localhost or an
+//! `admin.hosts` name: a DNS-rebound name is refused) and carry no Origin but its
+//! own, so a page in the operator's browser can neither act nor read `/status`.
 
 use std::sync::Arc;
 
@@ -42,6 +48,9 @@ impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_owned();
         let snap = self.snapshots.load_full();
+        if let Err(refused) = same_site(session, &snap) {
+            return refused;
+        }
         if let Some(rest) = path.strip_prefix("/api/servers/") {
             if let Err(denied) = self.authorize(session, &snap) {
                 return denied;
@@ -117,14 +126,26 @@ impl Admin {
                     .client_addr()
                     .and_then(|a| a.as_inet())
                     .is_some_and(|a| a.ip().is_loopback());
-                if loopback {
-                    Ok(())
-                } else {
+                let header = session
+                    .req_header()
+                    .headers
+                    .get("x-wingman-admin")
+                    .is_some_and(|v| v.as_bytes() == b"1");
+                if !loopback {
                     Err(reply(
                         403,
                         text,
                         b"admin actions are loopback-only without a token\n".to_vec(),
                     ))
+                } else if !header {
+                    Err(reply(
+                        403,
+                        text,
+                        b"admin actions need the header X-Wingman-Admin: 1 (or admin.token)\n"
+                            .to_vec(),
+                    ))
+                } else {
+                    Ok(())
                 }
             }
         }
@@ -233,6 +254,63 @@ impl Admin {
             serde_json::to_vec(&json!({ "purged": removed })).unwrap_or_default(),
         )
     }
+}
+
+/// Refuses a request whose Host does not name this listener (DNS rebinding) or
+/// whose Origin is another site's.
+#[allow(clippy::result_large_err)]
+fn same_site(session: &ServerSession, snap: &Snapshot) -> Result<(), Response<Vec<u8>>> {
+    let req = session.req_header();
+    let host = req
+        .headers
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri.authority().map(|a| a.as_str()));
+    let local = session.server_addr().and_then(|a| a.as_inet()).copied();
+    let refuse = |msg: String| Err(reply(403, "text/plain; charset=utf-8", msg.into_bytes()));
+    if let Some(host) = host {
+        if !host_allowed(host, local, snap) {
+            return refuse(format!("Host {host:?} does not name this admin listener\n"));
+        }
+    }
+    if let Some(origin) = req.headers.get(http::header::ORIGIN) {
+        let same = host.is_some_and(|h| {
+            origin
+                .to_str()
+                .is_ok_and(|o| o.eq_ignore_ascii_case(&format!("http://{h}")))
+        });
+        if !same {
+            return refuse(format!("cross-origin request from {origin:?} refused\n"));
+        }
+    }
+    Ok(())
+}
+
+/// Host is `name[:port]`: the name this listener's address or the connection's
+/// local address, `localhost`, or an `admin.hosts` name; the port, if given,
+/// the listener's.
+fn host_allowed(host: &str, local: Option<std::net::SocketAddr>, snap: &Snapshot) -> bool {
+    let (name, port) = match host.rsplit_once(':') {
+        Some((n, p)) if !n.ends_with(':') && (n.starts_with('[') || !n.contains(':')) => {
+            (n, Some(p))
+        }
+        _ => (host, None),
+    };
+    let port_ok = port.is_none_or(|p| {
+        p.parse::<u16>()
+            .is_ok_and(|p| local.map_or(snap.admin.port(), |l| l.port()) == p)
+    });
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    let name_ok = name.eq_ignore_ascii_case("localhost")
+        || snap
+            .admin_hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(name))
+        || name.parse::<std::net::IpAddr>().is_ok_and(|ip| {
+            local.is_some_and(|l| l.ip() == ip)
+                || (!snap.admin.ip().is_unspecified() && snap.admin.ip() == ip)
+        });
+    port_ok && name_ok
 }
 
 /// `http://host/path?q` -> the resource key of that URL, built by the proxy's one

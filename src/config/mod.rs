@@ -245,8 +245,13 @@ pub struct Admin {
     #[serde(default = "default_admin_address")]
     pub address: String,
     /// Bearer token for admin actions (drain, disable, enable, purge). Without a
-    /// token, actions are accepted from loopback clients only.
+    /// token, actions need the `X-Wingman-Admin: 1` header and a loopback client,
+    /// and the address must be a loopback one.
     pub token: Option<String>,
+    /// Names the admin may be addressed by (Host), besides its own address and
+    /// localhost.
+    #[serde(default)]
+    pub hosts: Vec<String>,
 }
 
 impl Default for Admin {
@@ -254,6 +259,7 @@ impl Default for Admin {
         Admin {
             address: default_admin_address(),
             token: None,
+            hosts: Vec::new(),
         }
     }
 }

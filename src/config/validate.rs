@@ -209,6 +209,11 @@ pub fn validate(c: &Config) -> Vec<(KeyPath, String)> {
         Ok(a) => {
             if let Some(first) = bound.get(&a) {
                 out.push((admin_path, format!("{a} is already used by {first}")));
+            } else if !a.ip().is_loopback() && c.admin.token.as_deref().is_none_or(str::is_empty) {
+                out.push((
+                    admin_path,
+                    format!("{a} is not a loopback address: serving admin there needs admin.token"),
+                ));
             }
         }
         Err(e) => out.push((admin_path, e)),
