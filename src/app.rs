@@ -143,6 +143,19 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
         .transpose()
         .map_err(|e| StartError::AccessLog(e.to_string()))?;
 
+    // /run/wingman-edge outside systemd (which creates it as the RuntimeDirectory)
+    for file in [&cfg.server.pid_file, &cfg.server.upgrade_sock] {
+        if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+            use std::os::unix::fs::DirBuilderExt;
+            if let Err(e) = std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+            {
+                log::warn!("cannot create {}: {e}", dir.display());
+            }
+        }
+    }
     let conf = server_conf(&cfg, opts.daemon);
     let opt = Opt {
         upgrade: opts.upgrade,

@@ -698,11 +698,13 @@ fn default_grace_period() -> HumanDuration {
 fn default_graceful_shutdown_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(5))
 }
+/// The systemd unit's RuntimeDirectory: private to the service, unlike /tmp.
+const RUNTIME_DIR: &str = "/run/wingman-edge";
 fn default_pid_file() -> PathBuf {
-    PathBuf::from("/tmp/wingman-edge.pid")
+    Path::new(RUNTIME_DIR).join("edge.pid")
 }
 fn default_upgrade_sock() -> PathBuf {
-    PathBuf::from("/tmp/wingman-edge-upgrade.sock")
+    Path::new(RUNTIME_DIR).join("upgrade.sock")
 }
 fn default_upgrade_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(30))
