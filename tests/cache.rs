@@ -647,6 +647,7 @@ async fn invalidation_and_exact_purge_reach_variants_keyed_by_headers_cookies_an
         .replace('?', "%3F");
     let resp = client()
         .post(edge.admin_url(&format!("/cache/purge?url={q}")))
+        .header("x-wingman-admin", "1")
         .send()
         .await
         .unwrap();
