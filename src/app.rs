@@ -296,6 +296,8 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
     // old process (which drains only then); write the pid file; tell systemd
     // (Type=notify), which after an upgrade also names this process as the main one
     let mut phases = server.watch_execution_phase();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let stop_on_failure = stop.clone();
     let ready = Readiness {
         table: table.clone(),
         listen_addrs,
@@ -318,8 +320,10 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
                 }
             });
             if let Err(e) = ready.announce() {
-                log::error!("wingman-edge cannot serve: {e}");
-                std::process::exit(1);
+                // drain what was accepted on the (maybe shared) sockets, then exit 1
+                log::error!("wingman-edge cannot serve: {e}; stopping");
+                START_FAILED.store(true, std::sync::atomic::Ordering::SeqCst);
+                stop_on_failure.notify_one();
             }
         })
         .map_err(StartError::Runtime)?;
@@ -332,16 +336,23 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
             upgrade_sock: cfg.server.upgrade_sock.clone(),
             timeout: cfg.server.upgrade_timeout.get(),
             metrics: metrics.clone(),
+            child_drain: cfg.server.grace_period.get() + cfg.server.graceful_shutdown_timeout.get(),
             ready_task: Default::default(),
         },
         requests: tokio::sync::Mutex::new(requests),
+        stop,
     };
     log::info!("wingman-edge started: {}", cfg.summary());
     server.run(pingora::server::RunArgs {
         shutdown_signal: Box::new(signals),
     });
-    std::process::exit(0)
+    std::process::exit(i32::from(
+        START_FAILED.load(std::sync::atomic::Ordering::SeqCst),
+    ))
 }
+
+/// Set when the process could not get ready (it stops, and exits 1).
+static START_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// What a starting process does once pingora runs its services.
 struct Readiness {

@@ -219,8 +219,8 @@ fn upgrade(
             return ExitCode::SUCCESS;
         }
         if std::time::Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
+            // it drains what it accepted and exits
+            let _ = kill(nix::unistd::Pid::from_raw(new), Signal::SIGTERM);
             break format!("the new process was not ready within {limit:?}");
         }
         std::thread::sleep(std::time::Duration::from_millis(20));

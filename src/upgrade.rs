@@ -15,8 +15,10 @@
 //!    answers `OK` and drains (as on SIGTERM). Only then does the new process write
 //!    the pid file and tell systemd it is the main process.
 //! 4. No `READY` in time, or the new process exited: the old process logs it,
-//!    counts `wingman_edge_upgrade_failures_total`, kills its child (SIGUSR2) and
-//!    keeps serving. A new process that reports later is answered `NO` and exits.
+//!    counts `wingman_edge_upgrade_failures_total`, stops its child (SIGUSR2:
+//!    SIGTERM, so connections the child already accepted are served; SIGKILL if it
+//!    is still there after its drain time) and keeps serving. A new process that
+//!    reports later is answered `NO` and drains.
 //!
 //! A new process whose predecessor has no `.ready` socket (a build from before this
 //! handshake) goes on serving, as pingora's hand-over did.
@@ -116,6 +118,8 @@ pub struct Handover {
     pub upgrade_sock: PathBuf,
     pub timeout: Duration,
     pub metrics: Arc<Metrics>,
+    /// How long a stopped child may drain (grace period + shutdown timeout).
+    pub child_drain: Duration,
     /// The task answering on the `.ready` socket of the last attempt.
     pub ready_task: Mutex<Option<tokio::task::AbortHandle>>,
 }
@@ -128,8 +132,10 @@ struct Expected {
 
 type Slot = Arc<Mutex<Option<Expected>>>;
 
-/// Kills the child unless disarmed (a failed attempt leaves no half-started edge).
-struct ChildGuard(Option<std::process::Child>);
+/// Stops the child unless disarmed (a failed attempt leaves no half-started edge):
+/// SIGTERM, so what it accepted on the shared sockets is served, then SIGKILL once
+/// its drain time is over.
+struct ChildGuard(Option<std::process::Child>, Duration);
 
 impl ChildGuard {
     fn exited(&mut self) -> Option<std::process::ExitStatus> {
@@ -139,10 +145,27 @@ impl ChildGuard {
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        let Some(mut child) = self.0.take() else {
+            return;
+        };
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let drain = self.1 + Duration::from_secs(2);
+        let reap = move || {
+            let deadline = std::time::Instant::now() + drain;
+            while std::time::Instant::now() < deadline {
+                if !matches!(child.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            log::warn!("upgrade: the stopped new process {pid} did not exit; killing it");
+            let _ = child.kill();
+            let _ = child.wait();
+        };
+        let _ = std::thread::Builder::new()
+            .name("upgrade-reap".into())
+            .spawn(reap);
     }
 }
 
@@ -165,7 +188,7 @@ impl Handover {
 
     async fn try_attempt(&self, trigger: Trigger) -> Result<u32, String> {
         let deadline = Instant::now() + self.timeout;
-        let mut child = ChildGuard(None);
+        let mut child = ChildGuard(None, self.child_drain);
         if trigger == Trigger::Spawn {
             let exe = self
                 .exe
@@ -370,11 +393,13 @@ pub fn report_ready(upgrade_sock: &Path) -> Result<(), String> {
 }
 
 /// pingora's shutdown signals plus upgrade requests, for `Server::run`: SIGTERM
-/// drains, SIGINT stops at once, and an upgrade request (from the signal thread:
-/// SIGUSR2 or SIGQUIT) drains only once a new process serves.
+/// (or `stop`) drains, SIGINT stops at once, and an upgrade request (from the signal
+/// thread: SIGUSR2 or SIGQUIT) drains only once a new process serves.
 pub struct Signals {
     pub handover: Handover,
     pub requests: tokio::sync::Mutex<mpsc::UnboundedReceiver<Trigger>>,
+    /// Notified when this process cannot get ready: it drains and stops.
+    pub stop: Arc<tokio::sync::Notify>,
 }
 
 #[async_trait]
@@ -392,6 +417,7 @@ impl ShutdownSignalWatch for Signals {
         loop {
             let trigger = tokio::select! {
                 _ = term.recv() => return ShutdownSignal::GracefulTerminate,
+                _ = self.stop.notified() => return ShutdownSignal::GracefulTerminate,
                 _ = int.recv() => return ShutdownSignal::FastShutdown,
                 t = requests.recv() => match t {
                     Some(t) => t,
