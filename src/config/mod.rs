@@ -163,7 +163,7 @@ pub struct ServerSection {
     #[serde(default = "default_upgrade_sock")]
     pub upgrade_sock: PathBuf,
     /// How long an upgrade waits for the new process to serve before the old one
-    /// gives up and keeps serving.
+    /// gives up and keeps serving (and a starting process waits for its listeners).
     #[serde(default = "default_upgrade_timeout")]
     pub upgrade_timeout: HumanDuration,
     /// Idle upstream connections kept for reuse, in total.
