@@ -573,7 +573,13 @@ async fn an_h2_client_that_never_sends_its_preface_is_closed_at_the_header_deadl
 async fn the_per_address_connection_slot_is_taken_before_the_tls_handshake() {
     let ca = Ca::new();
     let origin = Origin::start("o").await;
-    let (edge, port) = tls_edge(&ca, &origin, "max_conns_per_ip = 2").await;
+    // a long deadline: the held connections must outlive a slow (loaded) test
+    let (edge, port) = tls_edge(
+        &ca,
+        &origin,
+        "max_conns_per_ip = 2\nheader_timeout = \"60s\"",
+    )
+    .await;
     // connections that never start their handshake take the slots: of three,
     // one is refused (counted) and closed
     let mut opened = Vec::new();
@@ -584,8 +590,18 @@ async fn the_per_address_connection_slot_is_taken_before_the_tls_handshake() {
                 .unwrap(),
         );
     }
-    let refused = "wingman_edge_rejected_requests_total{status=\"429\"}";
-    edge.wait_metric(refused, 1.0).await;
+    let refused = |n: f64| {
+        let edge = &edge;
+        common::wait_until(
+            Duration::from_secs(20),
+            "a refused connection",
+            move || async move {
+                let series = "wingman_edge_rejected_requests_total{status=\"429\"}";
+                edge.metric(series).await.unwrap_or(0.0) >= n
+            },
+        )
+    };
+    refused(1.0).await;
     let mut held = Vec::new();
     for mut s in opened {
         if !closed_within(&mut s, Duration::from_millis(500)).await {
@@ -598,9 +614,9 @@ async fn the_per_address_connection_slot_is_taken_before_the_tls_handshake() {
         third.is_err(),
         "a third connection from the address got through"
     );
-    edge.wait_metric(refused, 2.0).await;
+    refused(2.0).await;
     drop(held);
-    common::wait_until(Duration::from_secs(10), "slots released", || async {
+    common::wait_until(Duration::from_secs(20), "slots released", || async {
         handshake(port, "a.test", ca.roots(), None).await.is_ok()
     })
     .await;
