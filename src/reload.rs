@@ -38,10 +38,7 @@ pub struct Reloader {
     pub metrics: Arc<Metrics>,
     generation: AtomicU64,
     /// The listeners and admin address bound at start (they cannot change in-process).
-    bound: (
-        Vec<(std::net::SocketAddr, bool, bool)>,
-        std::net::SocketAddr,
-    ),
+    bound: crate::snapshot::BoundSockets,
     /// Certificate resolvers of the TLS listeners, by address.
     resolvers: parking_lot::Mutex<HashMap<std::net::SocketAddr, Arc<SniResolver>>>,
     /// Serializes reloads (two SIGHUPs in a row are handled one after the other).
@@ -65,10 +62,7 @@ impl Reloader {
         let cfg = config::load(&path)?;
         let snap = Snapshot::build(&cfg, &path.display().to_string(), 1, &registry).await?;
         metrics.generation.set(1);
-        let bound = (
-            snap.listeners.iter().map(|l| l.socket_identity()).collect(),
-            snap.admin,
-        );
+        let bound = crate::snapshot::BoundSockets::of(&snap);
         let r = Reloader {
             bound,
             resolvers: parking_lot::Mutex::new(HashMap::new()),
@@ -118,8 +112,7 @@ impl Reloader {
             &self.registry,
         )
         .await?;
-        let identities: Vec<_> = snap.listeners.iter().map(|l| l.socket_identity()).collect();
-        let restart_needed = self.bound.0 != identities || self.bound.1 != snap.admin;
+        let restart_needed = self.bound != crate::snapshot::BoundSockets::of(&snap);
         // new handshakes use the new certificates; established connections keep theirs
         {
             let resolvers = self.resolvers.lock();

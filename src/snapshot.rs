@@ -108,10 +108,37 @@ pub struct ListenerSnap {
     pub redirect_https: Option<u16>,
 }
 
+/// What of a listener needs a restart to change: its socket and its protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketIdentity {
+    pub addr: SocketAddr,
+    pub h2c: bool,
+    pub tls: bool,
+}
+
 impl ListenerSnap {
-    /// What needs a restart to change: the socket and its protocol.
-    pub fn socket_identity(&self) -> (SocketAddr, bool, bool) {
-        (self.addr, self.h2c, self.certs.is_some())
+    pub fn socket_identity(&self) -> SocketIdentity {
+        SocketIdentity {
+            addr: self.addr,
+            h2c: self.h2c,
+            tls: self.certs.is_some(),
+        }
+    }
+}
+
+/// The sockets bound at start, which a reload cannot change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoundSockets {
+    pub listeners: Vec<SocketIdentity>,
+    pub admin: SocketAddr,
+}
+
+impl BoundSockets {
+    pub fn of(snap: &Snapshot) -> BoundSockets {
+        BoundSockets {
+            listeners: snap.listeners.iter().map(|l| l.socket_identity()).collect(),
+            admin: snap.admin,
+        }
     }
 }
 
