@@ -248,18 +248,14 @@ async fn client_frame(state: &AppState, user: &User, text: &str) -> Vec<String> 
     match frame {
         ClientFrame::Ping => vec![json!({ "type": "pong" }).to_string()],
         ClientFrame::Resume { conversation_id, after } => {
-            match crate::http::conversations::owned(state, user.id, conversation_id).await {
-                Err(ApiError::NotFound) => return err("conversation not found".into()),
-                Err(e) => return err(e.to_string()),
-                Ok(_) => {}
-            }
             let limit = state.settings.limits.max_page;
             match state
                 .store
-                .list_messages(conversation_id, Page::After { after, limit })
+                .list_messages(user.id, conversation_id, Page::After { after, limit })
                 .await
             {
-                Ok(messages) => {
+                Ok(None) => err("conversation not found".into()),
+                Ok(Some(messages)) => {
                     let more = messages.len() == limit as usize;
                     let mut out: Vec<String> = messages
                         .into_iter()
