@@ -135,10 +135,7 @@ pub async fn serve_with(
     .await?;
 
     let state = http::AppState(Arc::new(http::Inner {
-        auth_cache: moka::future::Cache::builder()
-            .max_capacity(100_000)
-            .time_to_live(settings.cache.auth_ttl)
-            .build(),
+        auth_cache: http::sessions::AuthCache::new(settings.cache.auth_ttl),
         hub: Arc::new(ws::Hub::new(settings.ws.outbox_capacity)),
         settings: settings.clone(),
         instance: instance.clone(),
@@ -152,6 +149,11 @@ pub async fn serve_with(
         ws_tasks: TaskTracker::new(),
     }));
     let dispatcher = tokio::spawn(ws::run_dispatcher(state.clone(), bus.subscribe()));
+    let pruner = tokio::spawn(http::sessions::prune_expired(
+        store.clone(),
+        settings.auth.session_prune_interval,
+        stop.clone(),
+    ));
     let router = http::router(state.clone());
     tracing::info!(
         instance,
@@ -186,6 +188,7 @@ pub async fn serve_with(
         tracing::warn!(?grace, "shutdown grace elapsed with work still running");
     }
     dispatcher.abort();
+    pruner.abort();
     store.close().await;
     tracing::info!(instance, "wingman-app stopped");
     served.map_err(AppError::Io)

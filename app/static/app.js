@@ -96,7 +96,8 @@ async function open(id) {
 
 function connect() {
   const proto = location.protocol === "https:" ? "wss" : "ws";
-  socket = new WebSocket(`${proto}://${location.host}/ws?token=${encodeURIComponent(token)}`);
+  // the token travels as a subprotocol, never in the URL (which proxies log)
+  socket = new WebSocket(`${proto}://${location.host}/ws`, ["wingman", "wingman.token." + token]);
   socket.onopen = () => {
     retry = 500; $("status").textContent = "connected";
     if (current && lastId[current]) socket.send(JSON.stringify({ type: "resume", conversation_id: current, after: lastId[current] }));

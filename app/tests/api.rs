@@ -479,10 +479,16 @@ async fn websocket_streams_ai_reply_and_persists_it(backend: Backend) {
         "error"
     );
 
-    // unauthenticated upgrade is refused
-    let err = tokio_tungstenite::connect_async(format!("{}/ws?token=bogus", app.ws_base))
+    // unauthenticated upgrades are refused
+    let err = tokio_tungstenite::connect_async(format!("{}/ws", app.ws_base))
         .await
         .expect_err("must fail");
+    assert!(err.to_string().contains("401"), "{err}");
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("{}/ws", app.ws_base).into_client_request().expect("request");
+    req.headers_mut()
+        .insert("authorization", "Bearer bogus".parse().expect("header"));
+    let err = tokio_tungstenite::connect_async(req).await.expect_err("must fail");
     assert!(err.to_string().contains("401"), "{err}");
     finish(app, db).await;
 }

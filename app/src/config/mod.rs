@@ -138,7 +138,8 @@ pub struct CacheSettings {
     /// How long a cached query result lives at most.
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
-    /// How long a bearer token lookup is cached in-process.
+    /// How long a bearer token lookup is cached in-process (never past the session's
+    /// expiry; a logout drops it at once on every instance the event bus reaches).
     #[serde(with = "humantime_serde")]
     pub auth_ttl: Duration,
 }
@@ -163,6 +164,9 @@ pub struct AuthSettings {
     pub argon2_memory_kib: u32,
     /// Argon2id iterations.
     pub argon2_iterations: u32,
+    /// How often each instance deletes the expired sessions (also once at start).
+    #[serde(with = "humantime_serde")]
+    pub session_prune_interval: Duration,
 }
 
 impl Default for AuthSettings {
@@ -171,6 +175,7 @@ impl Default for AuthSettings {
             token_ttl: Duration::from_secs(30 * 24 * 3600),
             argon2_memory_kib: 19_456,
             argon2_iterations: 2,
+            session_prune_interval: Duration::from_secs(3600),
         }
     }
 }
@@ -383,6 +388,9 @@ impl Settings {
         }
         if self.jobs.ai_concurrency == 0 || self.jobs.heavy_concurrency == 0 {
             return bad("jobs.ai_concurrency", "concurrency must be at least 1");
+        }
+        if self.auth.session_prune_interval.is_zero() {
+            return bad("auth.session_prune_interval", "must be more than 0");
         }
         if self.ws.outbox_capacity == 0 {
             return bad("ws.outbox_capacity", "must be at least 1");

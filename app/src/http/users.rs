@@ -167,6 +167,7 @@ async fn update_me(
         .update_display_name(user.id, body.display_name.trim())
         .await?
         .ok_or(ApiError::NotFound)?;
-    state.auth_cache.invalidate_all();
+    // (cached lookups hold the old display name)
+    state.auth_cache.forget(None).await;
     Ok((private(), Json(json!({ "user": updated }))))
 }

@@ -126,6 +126,15 @@ impl Credentials {
     }
 }
 
+/// An unexpired session and its user.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Session {
+    #[sqlx(flatten)]
+    pub user: User,
+    /// When the session ends (Unix milliseconds).
+    pub expires_at: i64,
+}
+
 /// A conversation with its message count and a preview of its last message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, sqlx::FromRow)]
 pub struct Conversation {
@@ -208,8 +217,14 @@ pub trait Store: Send + Sync + 'static {
     async fn credentials(&self, username: &str) -> StoreResult<Option<Credentials>>;
     async fn update_display_name(&self, user_id: i64, display_name: &str) -> StoreResult<Option<User>>;
     async fn create_session(&self, token_hash: &str, user_id: i64, expires_at: i64) -> StoreResult<()>;
-    /// The user owning an unexpired session.
-    async fn session_user(&self, token_hash: &str, now: i64) -> StoreResult<Option<User>>;
+    /// The unexpired session `token_hash` and its user.
+    async fn session_user(&self, token_hash: &str, now: i64) -> StoreResult<Option<Session>>;
+    /// Ends one session; false when there was none.
+    async fn delete_session(&self, token_hash: &str) -> StoreResult<bool>;
+    /// Ends every session of a user; returns how many there were.
+    async fn delete_user_sessions(&self, user_id: i64) -> StoreResult<u64>;
+    /// Deletes the sessions expired at `now`; returns how many.
+    async fn prune_sessions(&self, now: i64) -> StoreResult<u64>;
 
     async fn create_conversation(&self, user_id: i64, title: &str) -> StoreResult<Conversation>;
     /// Creates a conversation with its messages in one transaction (one multi-row insert).
@@ -335,9 +350,9 @@ macro_rules! impl_store {
             Ok(())
         }
 
-        async fn session_user(&self, token_hash: &str, now: i64) -> StoreResult<Option<User>> {
-            sqlx::query_as::<$db, User>(
-                "SELECT u.id, u.username, u.display_name, u.created_at FROM sessions s \
+        async fn session_user(&self, token_hash: &str, now: i64) -> StoreResult<Option<Session>> {
+            sqlx::query_as::<$db, Session>(
+                "SELECT u.id, u.username, u.display_name, u.created_at, s.expires_at FROM sessions s \
                  JOIN users u ON u.id = s.user_id WHERE s.token_hash = $1 AND s.expires_at > $2",
             )
             .bind(token_hash)
@@ -345,6 +360,33 @@ macro_rules! impl_store {
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| StoreError::from_sqlx("session_user", e))
+        }
+
+        async fn delete_session(&self, token_hash: &str) -> StoreResult<bool> {
+            let done = sqlx::query::<$db>("DELETE FROM sessions WHERE token_hash = $1")
+                .bind(token_hash)
+                .execute(&self.writer)
+                .await
+                .map_err(|e| StoreError::from_sqlx("delete_session", e))?;
+            Ok(done.rows_affected() > 0)
+        }
+
+        async fn delete_user_sessions(&self, user_id: i64) -> StoreResult<u64> {
+            let done = sqlx::query::<$db>("DELETE FROM sessions WHERE user_id = $1")
+                .bind(user_id)
+                .execute(&self.writer)
+                .await
+                .map_err(|e| StoreError::from_sqlx("delete_user_sessions", e))?;
+            Ok(done.rows_affected())
+        }
+
+        async fn prune_sessions(&self, now: i64) -> StoreResult<u64> {
+            let done = sqlx::query::<$db>("DELETE FROM sessions WHERE expires_at <= $1")
+                .bind(now)
+                .execute(&self.writer)
+                .await
+                .map_err(|e| StoreError::from_sqlx("prune_sessions", e))?;
+            Ok(done.rows_affected())
         }
 
         async fn create_conversation(&self, user_id: i64, title: &str) -> StoreResult<Conversation> {

@@ -223,6 +223,20 @@ impl TestApp {
         )
     }
 
+    /// Logs a user registered by [`TestApp::register`] in again: a new session's token.
+    pub async fn login(&self, name: &str) -> String {
+        let (status, v) = self
+            .call(
+                "POST",
+                "/api/login",
+                None,
+                Some(json!({ "username": name, "password": "correct horse battery" })),
+            )
+            .await;
+        assert_eq!(status, 200, "login {name}: {v}");
+        v["token"].as_str().expect("token").to_string()
+    }
+
     pub async fn new_conversation(&self, token: &str, title: &str) -> i64 {
         let (status, v) = self
             .call(
@@ -255,10 +269,16 @@ impl TestApp {
         v
     }
 
+    /// A WebSocket authenticated with `Authorization: Bearer` (the web page sends the
+    /// token as a subprotocol instead; never in the URL).
     pub async fn ws(&self, token: &str) -> Ws {
-        let (stream, _) = tokio_tungstenite::connect_async(format!("{}/ws?token={token}", self.ws_base))
-            .await
-            .expect("ws connect");
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = format!("{}/ws", self.ws_base).into_client_request().expect("request");
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("header value"),
+        );
+        let (stream, _) = tokio_tungstenite::connect_async(req).await.expect("ws connect");
         let mut ws = Ws {
             stream,
             history: Vec::new(),
