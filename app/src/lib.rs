@@ -115,6 +115,12 @@ pub async fn serve_with(
         None => cache::QueryCache::moka(settings.cache.max_entries, settings.cache.ttl),
     });
     let model = llm::from_settings(&settings.llm)?;
+    let dummy_hash = http::users::dummy_hash(&settings.auth).await.map_err(|e| {
+        AppError::Config(config::ConfigError::Field {
+            field: "auth.argon2_memory_kib",
+            message: format!("argon2: {e}"),
+        })
+    })?;
     let stop = CancellationToken::new();
     let job_ctx = Arc::new(jobs::JobContext {
         store: store.clone(),
@@ -136,6 +142,8 @@ pub async fn serve_with(
 
     let state = http::AppState(Arc::new(http::Inner {
         auth_cache: http::sessions::AuthCache::new(settings.cache.auth_ttl),
+        login_throttle: http::throttle::LoginThrottle::new(&settings.auth),
+        dummy_hash,
         hub: Arc::new(ws::Hub::new(settings.ws.outbox_capacity)),
         settings: settings.clone(),
         instance: instance.clone(),
@@ -170,9 +178,13 @@ pub async fn serve_with(
         stop_signal.cancel();
     });
     let http_stop = stop.clone();
-    let served = axum::serve(listener, router)
-        .with_graceful_shutdown(async move { http_stop.cancelled().await })
-        .await;
+    // (the peer address: the login throttle counts failures per client address)
+    let served = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { http_stop.cancelled().await })
+    .await;
 
     // Drain: HTTP is done; sockets were told to close; jobs finish what they hold.
     let grace = settings.server.shutdown_grace;

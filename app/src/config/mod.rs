@@ -167,6 +167,15 @@ pub struct AuthSettings {
     /// How often each instance deletes the expired sessions (also once at start).
     #[serde(with = "humantime_serde")]
     pub session_prune_interval: Duration,
+    /// Failed logins allowed per user name within `login_failure_window`; more get 429.
+    pub login_max_failures_per_user: u32,
+    /// Failed logins allowed per client address (the TCP peer) within the window.
+    pub login_max_failures_per_addr: u32,
+    /// The window starts at a name's (or address's) first failure.
+    #[serde(with = "humantime_serde")]
+    pub login_failure_window: Duration,
+    /// Names and addresses tracked at most (each table; the least used are dropped).
+    pub login_throttle_entries: u64,
 }
 
 impl Default for AuthSettings {
@@ -176,6 +185,10 @@ impl Default for AuthSettings {
             argon2_memory_kib: 19_456,
             argon2_iterations: 2,
             session_prune_interval: Duration::from_secs(3600),
+            login_max_failures_per_user: 10,
+            login_max_failures_per_addr: 100,
+            login_failure_window: Duration::from_secs(15 * 60),
+            login_throttle_entries: 100_000,
         }
     }
 }
@@ -391,6 +404,15 @@ impl Settings {
         }
         if self.auth.session_prune_interval.is_zero() {
             return bad("auth.session_prune_interval", "must be more than 0");
+        }
+        if self.auth.login_max_failures_per_user == 0 || self.auth.login_max_failures_per_addr == 0 {
+            return bad(
+                "auth.login_max_failures_per_user",
+                "login failure limits must be at least 1",
+            );
+        }
+        if self.auth.login_failure_window.is_zero() {
+            return bad("auth.login_failure_window", "must be more than 0");
         }
         if self.ws.outbox_capacity == 0 {
             return bad("ws.outbox_capacity", "must be at least 1");

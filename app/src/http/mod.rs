@@ -26,6 +26,7 @@ pub mod extract;
 pub mod health;
 pub mod messages;
 pub mod sessions;
+pub mod throttle;
 pub mod users;
 pub mod web;
 
@@ -39,6 +40,10 @@ pub struct Inner {
     pub store: Arc<dyn Store>,
     pub cache: Arc<QueryCache>,
     pub auth_cache: sessions::AuthCache,
+    /// Failed-login counters per user name and client address.
+    pub login_throttle: throttle::LoginThrottle,
+    /// What a login for an unknown user name is checked against (see `users::dummy_hash`).
+    pub dummy_hash: String,
     pub bus: Arc<dyn EventBus>,
     pub hub: Arc<Hub>,
     pub queues: Queues,
