@@ -47,8 +47,11 @@ pub enum AppError {
 }
 
 /// Options for embedding several instances in one process.
-#[derive(Default, Clone)]
+#[derive(Default)]
 pub struct Options {
+    /// Where to serve `/metrics` (the public listener never serves it). The binary binds
+    /// `server.metrics_listen`; without a listener here, the instance serves no metrics.
+    pub metrics_listener: Option<TcpListener>,
     /// Share one bus between instances of this process, so WebSocket events and cache
     /// invalidations reach sockets on every instance. Ignored when Redis is configured
     /// (Redis pub/sub is used). Without Redis and without this, each instance has its own.
@@ -177,6 +180,19 @@ pub async fn serve_with(
         shutdown.await;
         stop_signal.cancel();
     });
+    if let Some(metrics_listener) = options.metrics_listener {
+        tracing::info!(addr = ?metrics_listener.local_addr().ok(), "metrics listening");
+        let metrics_stop = stop.clone();
+        let app = http::health::metrics_router(state.clone());
+        tokio::spawn(async move {
+            let served = axum::serve(metrics_listener, app)
+                .with_graceful_shutdown(async move { metrics_stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::warn!(error = %e, "metrics listener failed");
+            }
+        });
+    }
     let http_stop = stop.clone();
     // (the peer address: the login throttle counts failures per client address)
     let served = axum::serve(

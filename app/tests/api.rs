@@ -659,3 +659,23 @@ async fn operations_endpoints(backend: Backend) {
     assert!(html.contains("/static/app.js"));
     finish(app, db).await;
 }
+
+/// `/metrics` is not on the public listener (the edge routes everything there to the
+/// app): it is served on its own listener, loopback by default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_on_their_own_listener_never_the_public_one() {
+    let (app, db) = start(Backend::Sqlite).await;
+    let (s, _) = app.call("GET", "/metrics", None, None).await;
+    assert_eq!(s, 404, "the public listener serves /metrics");
+    let text = app.metrics().await;
+    assert!(text.contains("http_server_request_duration_seconds"), "{text}");
+    // and the metrics listener serves nothing else
+    let r = app
+        .http
+        .get(format!("{}/api/info", app.metrics_base))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 404);
+    finish(app, db).await;
+}

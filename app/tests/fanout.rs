@@ -89,6 +89,7 @@ async fn two_instances_on_one_sqlite_file_share_an_in_process_bus() {
         Options {
             bus: Some(bus.clone()),
             instance: Some("a".into()),
+            ..Default::default()
         },
     )
     .await;
@@ -97,6 +98,7 @@ async fn two_instances_on_one_sqlite_file_share_an_in_process_bus() {
         Options {
             bus: Some(bus),
             instance: Some("b".into()),
+            ..Default::default()
         },
     )
     .await;

@@ -188,6 +188,7 @@ async fn a_logout_on_one_instance_ends_the_session_on_another_in_process() {
             Options {
                 bus: Some(bus.clone()),
                 instance: Some(name.into()),
+                ..Default::default()
             },
         )
     };

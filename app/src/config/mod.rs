@@ -41,6 +41,10 @@ pub struct Settings {
 pub struct ServerSettings {
     /// Address the binary listens on (the library `serve` takes a bound listener instead).
     pub listen: SocketAddr,
+    /// Address of the binary's `/metrics` listener, kept apart from `listen` so the
+    /// public route never reaches it; empty: no metrics listener. (The library serves
+    /// metrics on `Options::metrics_listener` instead.)
+    pub metrics_listen: String,
     /// Requests taking longer than this get 503.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -56,6 +60,7 @@ impl Default for ServerSettings {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 3000)),
+            metrics_listen: "127.0.0.1:9464".into(),
             request_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(20),
             static_max_age: Duration::from_secs(3600),
@@ -81,6 +86,13 @@ pub struct DatabaseSettings {
     /// SQLite only: how long a writer waits for the file lock.
     #[serde(with = "humantime_serde")]
     pub busy_timeout: Duration,
+}
+
+impl ServerSettings {
+    /// The metrics address, `None` when metrics are off (checked by `validate`).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listen.parse().ok()
+    }
 }
 
 impl Default for DatabaseSettings {
@@ -378,6 +390,15 @@ impl Settings {
                 message: message.to_string(),
             })
         };
+        if !self.server.metrics_listen.is_empty() && self.server.metrics_addr().is_none() {
+            return bad(
+                "server.metrics_listen",
+                "must be an address and port (127.0.0.1:9464), or empty",
+            );
+        }
+        if self.server.metrics_addr() == Some(self.server.listen) {
+            return bad("server.metrics_listen", "must differ from server.listen");
+        }
         let url = &self.database.url;
         if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return bad("database.url", "must start with sqlite: or postgres://");

@@ -103,6 +103,8 @@ pub fn test_settings(db_url: &str) -> Settings {
 pub struct TestApp {
     pub base: String,
     pub ws_base: String,
+    /// The metrics listener (`/metrics` is not on the public one).
+    pub metrics_base: String,
     pub http: reqwest::Client,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<Result<(), wingman_app::AppError>>>,
@@ -116,6 +118,13 @@ impl TestApp {
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let mut options = options;
+        let metrics_listener = match options.metrics_listener.take() {
+            Some(l) => l,
+            None => tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+        };
+        let metrics_addr = metrics_listener.local_addr().expect("addr");
+        options.metrics_listener = Some(metrics_listener);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let handle = tokio::spawn(wingman_app::serve_with(
             settings,
@@ -128,6 +137,7 @@ impl TestApp {
         let app = TestApp {
             base: format!("http://{addr}"),
             ws_base: format!("ws://{addr}"),
+            metrics_base: format!("http://{metrics_addr}"),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(20))
                 .build()
@@ -290,7 +300,7 @@ impl TestApp {
 
     pub async fn metrics(&self) -> String {
         self.http
-            .get(self.url("/metrics"))
+            .get(format!("{}/metrics", self.metrics_base))
             .send()
             .await
             .expect("metrics")
