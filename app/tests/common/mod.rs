@@ -235,12 +235,17 @@ impl TestApp {
 
     /// Logs a user registered by [`TestApp::register`] in again: a new session's token.
     pub async fn login(&self, name: &str) -> String {
+        self.login_with(name, "correct horse battery").await
+    }
+
+    /// Logs in with a password: a new session's token.
+    pub async fn login_with(&self, name: &str, password: &str) -> String {
         let (status, v) = self
             .call(
                 "POST",
                 "/api/login",
                 None,
-                Some(json!({ "username": name, "password": "correct horse battery" })),
+                Some(json!({ "username": name, "password": password })),
             )
             .await;
         assert_eq!(status, 200, "login {name}: {v}");
