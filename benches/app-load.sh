@@ -72,6 +72,7 @@ APPS=()
 for i in $(seq "$INSTANCES"); do
     port=$((3100 + i))
     WINGMAN_APP_SERVER__LISTEN="127.0.0.1:$port" \
+    WINGMAN_APP_SERVER__METRICS_LISTEN="127.0.0.1:$((port + 100))" \
     WINGMAN_APP_DATABASE__URL="$DB_URL" \
     WINGMAN_APP_REDIS__URL="$REDIS_URL" \
     WINGMAN_APP_REDIS__PREFIX="bench$$:" \

@@ -128,9 +128,15 @@ impl Client {
     }
 }
 
+/// A WebSocket authenticated with `Authorization: Bearer` (never a token in the URL).
 async fn connect_ws(base: &str, token: &str) -> Option<Ws> {
-    let url = format!("{}/ws?token={token}", base.replacen("http", "ws", 1));
-    let (ws, _) = tokio_tungstenite::connect_async(url).await.ok()?;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("{}/ws", base.replacen("http", "ws", 1))
+        .into_client_request()
+        .ok()?;
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().ok()?);
+    let (ws, _) = tokio_tungstenite::connect_async(req).await.ok()?;
     Some(ws)
 }
 

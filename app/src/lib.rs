@@ -47,8 +47,11 @@ pub enum AppError {
 }
 
 /// Options for embedding several instances in one process.
-#[derive(Default, Clone)]
+#[derive(Default)]
 pub struct Options {
+    /// Where to serve `/metrics` (the public listener never serves it). The binary binds
+    /// `server.metrics_listen`; without a listener here, the instance serves no metrics.
+    pub metrics_listener: Option<TcpListener>,
     /// Share one bus between instances of this process, so WebSocket events and cache
     /// invalidations reach sockets on every instance. Ignored when Redis is configured
     /// (Redis pub/sub is used). Without Redis and without this, each instance has its own.
@@ -115,6 +118,12 @@ pub async fn serve_with(
         None => cache::QueryCache::moka(settings.cache.max_entries, settings.cache.ttl),
     });
     let model = llm::from_settings(&settings.llm)?;
+    let dummy_hash = http::users::dummy_hash(&settings.auth).await.map_err(|e| {
+        AppError::Config(config::ConfigError::Field {
+            field: "auth.argon2_memory_kib",
+            message: format!("argon2: {e}"),
+        })
+    })?;
     let stop = CancellationToken::new();
     let job_ctx = Arc::new(jobs::JobContext {
         store: store.clone(),
@@ -135,10 +144,9 @@ pub async fn serve_with(
     .await?;
 
     let state = http::AppState(Arc::new(http::Inner {
-        auth_cache: moka::future::Cache::builder()
-            .max_capacity(100_000)
-            .time_to_live(settings.cache.auth_ttl)
-            .build(),
+        auth_cache: http::sessions::AuthCache::new(settings.cache.auth_ttl),
+        login_throttle: http::throttle::LoginThrottle::new(&settings.auth),
+        dummy_hash,
         hub: Arc::new(ws::Hub::new(settings.ws.outbox_capacity)),
         settings: settings.clone(),
         instance: instance.clone(),
@@ -152,6 +160,11 @@ pub async fn serve_with(
         ws_tasks: TaskTracker::new(),
     }));
     let dispatcher = tokio::spawn(ws::run_dispatcher(state.clone(), bus.subscribe()));
+    let pruner = tokio::spawn(http::sessions::prune_expired(
+        store.clone(),
+        settings.auth.session_prune_interval,
+        stop.clone(),
+    ));
     let router = http::router(state.clone());
     tracing::info!(
         instance,
@@ -167,10 +180,27 @@ pub async fn serve_with(
         shutdown.await;
         stop_signal.cancel();
     });
+    if let Some(metrics_listener) = options.metrics_listener {
+        tracing::info!(addr = ?metrics_listener.local_addr().ok(), "metrics listening");
+        let metrics_stop = stop.clone();
+        let app = http::health::metrics_router(state.clone());
+        tokio::spawn(async move {
+            let served = axum::serve(metrics_listener, app)
+                .with_graceful_shutdown(async move { metrics_stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::warn!(error = %e, "metrics listener failed");
+            }
+        });
+    }
     let http_stop = stop.clone();
-    let served = axum::serve(listener, router)
-        .with_graceful_shutdown(async move { http_stop.cancelled().await })
-        .await;
+    // (the peer address: the login throttle counts failures per client address)
+    let served = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { http_stop.cancelled().await })
+    .await;
 
     // Drain: HTTP is done; sockets were told to close; jobs finish what they hold.
     let grace = settings.server.shutdown_grace;
@@ -186,6 +216,7 @@ pub async fn serve_with(
         tracing::warn!(?grace, "shutdown grace elapsed with work still running");
     }
     dispatcher.abort();
+    pruner.abort();
     store.close().await;
     tracing::info!(instance, "wingman-app stopped");
     served.map_err(AppError::Io)

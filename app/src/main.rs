@@ -1,5 +1,6 @@
 //! The `wingman-app` binary: loads settings (`--config conf/app.toml` plus
-//! `WINGMAN_APP_*` variables), binds `server.listen`, and serves until SIGTERM or Ctrl-C.
+//! `WINGMAN_APP_*` variables), binds `server.listen` (and `server.metrics_listen` for
+//! `/metrics`), and serves until SIGTERM or Ctrl-C.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -64,7 +65,21 @@ async fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match wingman_app::serve(settings, listener, shutdown_signal()).await {
+    let metrics_listener = match settings.server.metrics_addr() {
+        None => None,
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("wingman-app: cannot listen on {addr} (server.metrics_listen): {e}");
+                return ExitCode::from(1);
+            }
+        },
+    };
+    let options = wingman_app::Options {
+        metrics_listener,
+        ..Default::default()
+    };
+    match wingman_app::serve_with(settings, listener, shutdown_signal(), options).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("wingman-app: {e}");

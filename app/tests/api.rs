@@ -479,10 +479,16 @@ async fn websocket_streams_ai_reply_and_persists_it(backend: Backend) {
         "error"
     );
 
-    // unauthenticated upgrade is refused
-    let err = tokio_tungstenite::connect_async(format!("{}/ws?token=bogus", app.ws_base))
+    // unauthenticated upgrades are refused
+    let err = tokio_tungstenite::connect_async(format!("{}/ws", app.ws_base))
         .await
         .expect_err("must fail");
+    assert!(err.to_string().contains("401"), "{err}");
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("{}/ws", app.ws_base).into_client_request().expect("request");
+    req.headers_mut()
+        .insert("authorization", "Bearer bogus".parse().expect("header"));
+    let err = tokio_tungstenite::connect_async(req).await.expect_err("must fail");
     assert!(err.to_string().contains("401"), "{err}");
     finish(app, db).await;
 }
@@ -651,5 +657,25 @@ async fn operations_endpoints(backend: Backend) {
         .await
         .expect("text");
     assert!(html.contains("/static/app.js"));
+    finish(app, db).await;
+}
+
+/// `/metrics` is not on the public listener (the edge routes everything there to the
+/// app): it is served on its own listener, loopback by default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_on_their_own_listener_never_the_public_one() {
+    let (app, db) = start(Backend::Sqlite).await;
+    let (s, _) = app.call("GET", "/metrics", None, None).await;
+    assert_eq!(s, 404, "the public listener serves /metrics");
+    let text = app.metrics().await;
+    assert!(text.contains("http_server_request_duration_seconds"), "{text}");
+    // and the metrics listener serves nothing else
+    let r = app
+        .http
+        .get(format!("{}/api/info", app.metrics_base))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 404);
     finish(app, db).await;
 }

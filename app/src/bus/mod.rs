@@ -48,6 +48,10 @@ pub enum Event {
     ConversationChanged { conversation_id: i64, deleted: bool },
     /// A `heavy` export finished.
     ExportReady { conversation_id: i64, export_id: i64 },
+    /// Sessions of the user ended: the one whose token hashes to `token_hash`, or all of
+    /// them. Between instances only: each drops its cached lookups and closes the
+    /// sessions' sockets; never sent to a client.
+    SessionsRevoked { token_hash: Option<String> },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -2,10 +2,14 @@
 //! hit/miss counters (`cache_requests_total{cache,result}`; moka has none built in).
 //!
 //! Cached: each user's conversation list (`convs:{user}`, the first `limits.max_page`
-//! rows) and single conversations (`conv:{id}`, used for ownership checks). Writers
+//! rows, read with the user's id: an entry only ever holds that user's rows). Writers
 //! invalidate the keys they touch; with moka, the other instances of a process that share
 //! the event bus invalidate on the bus events (see [`QueryCache::on_event`]). A Redis
 //! failure degrades to a miss (the database answers) and is counted.
+//!
+//! Nothing here decides who may see what: ownership is checked by the statements that
+//! read and write a conversation's rows (see [`crate::store::Store`]). A cached decision
+//! could be put back by a read that raced the delete which dropped it.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -84,16 +88,6 @@ pub struct CacheStats {
 
 pub fn conversations_key(user_id: i64) -> String {
     format!("convs:{user_id}")
-}
-
-pub fn conversation_key(id: i64) -> String {
-    format!("conv:{id}")
-}
-
-/// Who owns a conversation: never changes, so only a delete drops it (unlike the
-/// conversation's own entry, which every new message invalidates).
-pub fn owner_key(id: i64) -> String {
-    format!("owner:{id}")
 }
 
 impl QueryCache {
@@ -211,21 +205,8 @@ impl QueryCache {
         if !matches!(self.backend, Backend::Moka(_)) {
             return;
         }
-        let conv = match &env.event {
-            Event::Message { message } => Some(message.conversation_id),
-            Event::ConversationChanged { conversation_id, .. } => Some(*conversation_id),
-            _ => None,
-        };
-        if let Some(conv) = conv {
-            self.invalidate(&[conversations_key(env.user_id), conversation_key(conv)])
-                .await;
-        }
-        if let Event::ConversationChanged {
-            conversation_id,
-            deleted: true,
-        } = &env.event
-        {
-            self.invalidate(&[owner_key(*conversation_id)]).await;
+        if matches!(env.event, Event::Message { .. } | Event::ConversationChanged { .. }) {
+            self.invalidate(&[conversations_key(env.user_id)]).await;
         }
     }
 }

@@ -41,6 +41,10 @@ pub struct Settings {
 pub struct ServerSettings {
     /// Address the binary listens on (the library `serve` takes a bound listener instead).
     pub listen: SocketAddr,
+    /// Address of the binary's `/metrics` listener, kept apart from `listen` so the
+    /// public route never reaches it; empty: no metrics listener. (The library serves
+    /// metrics on `Options::metrics_listener` instead.)
+    pub metrics_listen: String,
     /// Requests taking longer than this get 503.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -56,6 +60,7 @@ impl Default for ServerSettings {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 3000)),
+            metrics_listen: "127.0.0.1:9464".into(),
             request_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(20),
             static_max_age: Duration::from_secs(3600),
@@ -81,6 +86,13 @@ pub struct DatabaseSettings {
     /// SQLite only: how long a writer waits for the file lock.
     #[serde(with = "humantime_serde")]
     pub busy_timeout: Duration,
+}
+
+impl ServerSettings {
+    /// The metrics address, `None` when metrics are off (checked by `validate`).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listen.parse().ok()
+    }
 }
 
 impl Default for DatabaseSettings {
@@ -138,7 +150,8 @@ pub struct CacheSettings {
     /// How long a cached query result lives at most.
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
-    /// How long a bearer token lookup is cached in-process.
+    /// How long a bearer token lookup is cached in-process (never past the session's
+    /// expiry; a logout drops it at once on every instance the event bus reaches).
     #[serde(with = "humantime_serde")]
     pub auth_ttl: Duration,
 }
@@ -163,6 +176,18 @@ pub struct AuthSettings {
     pub argon2_memory_kib: u32,
     /// Argon2id iterations.
     pub argon2_iterations: u32,
+    /// How often each instance deletes the expired sessions (also once at start).
+    #[serde(with = "humantime_serde")]
+    pub session_prune_interval: Duration,
+    /// Failed logins allowed per user name within `login_failure_window`; more get 429.
+    pub login_max_failures_per_user: u32,
+    /// Failed logins allowed per client address (the TCP peer) within the window.
+    pub login_max_failures_per_addr: u32,
+    /// The window starts at a name's (or address's) first failure.
+    #[serde(with = "humantime_serde")]
+    pub login_failure_window: Duration,
+    /// Names and addresses tracked at most (each table; the least used are dropped).
+    pub login_throttle_entries: u64,
 }
 
 impl Default for AuthSettings {
@@ -171,6 +196,11 @@ impl Default for AuthSettings {
             token_ttl: Duration::from_secs(30 * 24 * 3600),
             argon2_memory_kib: 19_456,
             argon2_iterations: 2,
+            session_prune_interval: Duration::from_secs(3600),
+            login_max_failures_per_user: 10,
+            login_max_failures_per_addr: 100,
+            login_failure_window: Duration::from_secs(15 * 60),
+            login_throttle_entries: 100_000,
         }
     }
 }
@@ -360,6 +390,15 @@ impl Settings {
                 message: message.to_string(),
             })
         };
+        if !self.server.metrics_listen.is_empty() && self.server.metrics_addr().is_none() {
+            return bad(
+                "server.metrics_listen",
+                "must be an address and port (127.0.0.1:9464), or empty",
+            );
+        }
+        if self.server.metrics_addr() == Some(self.server.listen) {
+            return bad("server.metrics_listen", "must differ from server.listen");
+        }
         let url = &self.database.url;
         if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return bad("database.url", "must start with sqlite: or postgres://");
@@ -383,6 +422,18 @@ impl Settings {
         }
         if self.jobs.ai_concurrency == 0 || self.jobs.heavy_concurrency == 0 {
             return bad("jobs.ai_concurrency", "concurrency must be at least 1");
+        }
+        if self.auth.session_prune_interval.is_zero() {
+            return bad("auth.session_prune_interval", "must be more than 0");
+        }
+        if self.auth.login_max_failures_per_user == 0 || self.auth.login_max_failures_per_addr == 0 {
+            return bad(
+                "auth.login_max_failures_per_user",
+                "login failure limits must be at least 1",
+            );
+        }
+        if self.auth.login_failure_window.is_zero() {
+            return bad("auth.login_failure_window", "must be more than 0");
         }
         if self.ws.outbox_capacity == 0 {
             return bad("ws.outbox_capacity", "must be at least 1");

@@ -14,7 +14,7 @@ use super::error::ApiError;
 use super::extract::{parse_id, ApiJson, ApiQuery, AuthUser};
 use super::{private, AppState};
 use crate::bus::{Envelope, Event};
-use crate::cache::{conversation_key, conversations_key, owner_key};
+use crate::cache::conversations_key;
 use crate::jobs::ExportJob;
 use crate::store::{Conversation, NewMessage};
 
@@ -67,48 +67,17 @@ fn validate_title(title: &str) -> Result<String, ApiError> {
     Ok(t.to_string())
 }
 
-/// The conversation if it belongs to `user_id` (cached), else 404.
+/// The conversation if it belongs to `user_id`, else 404. Read from the database every
+/// time: an ownership decision is never cached (a read racing a delete could put it back
+/// after the delete dropped it).
 pub async fn owned(state: &AppState, user_id: i64, id: i64) -> Result<Conversation, ApiError> {
-    let key = conversation_key(id);
-    if let Some(c) = state.cache.get::<Conversation>(&key).await {
-        return if c.user_id == user_id {
-            Ok(c)
-        } else {
-            Err(ApiError::NotFound)
-        };
-    }
-    let conv = state.store.conversation(user_id, id).await?.ok_or(ApiError::NotFound)?;
-    state.cache.put(&key, &conv).await;
-    Ok(conv)
+    state.store.conversation(user_id, id).await?.ok_or(ApiError::NotFound)
 }
 
-/// Checks that conversation `id` belongs to `user_id` (404 otherwise, as for a missing
-/// one) without reading the conversation when its owner is cached: every new message
-/// invalidates the cached conversation, but not its owner.
-pub async fn owns(state: &AppState, user_id: i64, id: i64) -> Result<(), ApiError> {
-    let key = owner_key(id);
-    let owner = match state.cache.get::<i64>(&key).await {
-        Some(owner) => owner,
-        None => {
-            let conv = owned(state, user_id, id).await?;
-            state.cache.put(&key, &conv.user_id).await;
-            conv.user_id
-        }
-    };
-    if owner == user_id {
-        Ok(())
-    } else {
-        Err(ApiError::NotFound)
-    }
-}
-
-/// Drops cached results a write to conversation `id` of `user_id` made stale, and tells
+/// Drops the cached list a write to a conversation of `user_id` made stale, and tells
 /// the other instances (whose in-process caches listen on the bus).
-pub async fn invalidate(state: &AppState, user_id: i64, id: i64, event: Option<Event>) {
-    state
-        .cache
-        .invalidate(&[conversations_key(user_id), conversation_key(id)])
-        .await;
+pub async fn invalidate(state: &AppState, user_id: i64, event: Option<Event>) {
+    state.cache.invalidate(&[conversations_key(user_id)]).await;
     if let Some(event) = event {
         if let Err(e) = state.bus.publish(&Envelope { user_id, event }).await {
             tracing::warn!(error = %e, "event not published");
@@ -149,7 +118,6 @@ async fn create(
     invalidate(
         &state,
         user.id,
-        conv.id,
         Some(Event::ConversationChanged {
             conversation_id: conv.id,
             deleted: false,
@@ -195,7 +163,6 @@ async fn import(
     invalidate(
         &state,
         user.id,
-        conv.id,
         Some(Event::ConversationChanged {
             conversation_id: conv.id,
             deleted: false,
@@ -230,7 +197,6 @@ async fn rename(
     invalidate(
         &state,
         user.id,
-        id,
         Some(Event::ConversationChanged {
             conversation_id: id,
             deleted: false,
@@ -249,11 +215,9 @@ async fn remove(
     if !state.store.delete_conversation(user.id, id).await? {
         return Err(ApiError::NotFound);
     }
-    state.cache.invalidate(&[owner_key(id)]).await;
     invalidate(
         &state,
         user.id,
-        id,
         Some(Event::ConversationChanged {
             conversation_id: id,
             deleted: true,
@@ -289,8 +253,11 @@ async fn latest_export(
     AuthUser(user): AuthUser,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let conv = owned(&state, user.id, parse_id("id", &id)?).await?;
-    let export = state.store.latest_export(conv.id).await?.ok_or(ApiError::NotFound)?;
+    let export = state
+        .store
+        .latest_export(user.id, parse_id("id", &id)?)
+        .await?
+        .ok_or(ApiError::NotFound)?;
     let body: serde_json::Value = serde_json::from_str(&export.body).map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok((
         private(),

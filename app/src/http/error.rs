@@ -23,6 +23,9 @@ pub enum ApiError {
     Conflict { field: String },
     #[error("{message}")]
     TooLarge { field: Option<String>, message: String },
+    /// Too many failed attempts; retry after this many seconds.
+    #[error("too many failed attempts, retry in {retry_after_secs} s")]
+    TooManyRequests { retry_after_secs: u64 },
     /// Database, Redis or the job queue is unreachable.
     #[error("service unavailable: {0}")]
     Unavailable(String),
@@ -64,6 +67,7 @@ impl IntoResponse for ApiError {
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found", None),
             ApiError::Conflict { field } => (StatusCode::CONFLICT, "conflict", Some(field.clone())),
             ApiError::TooLarge { field, .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large", field.clone()),
+            ApiError::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests", None),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", None),
         };
@@ -93,6 +97,10 @@ impl IntoResponse for ApiError {
         if status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let ApiError::TooManyRequests { retry_after_secs } = self {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
         }
         resp
     }

@@ -1,5 +1,6 @@
 //! Request extractors with the API's error semantics: [`ApiJson`] (400 for malformed JSON,
-//! 422 naming the offending field, 413 past the body limit), [`AuthUser`] (401),
+//! 422 naming the offending field, 413 past the body limit), [`AuthUser`] and
+//! [`AuthSession`] (401),
 //! [`ApiQuery`] (400 naming the parameter) and [`parse_id`] for path ids.
 
 use axum::body::Bytes;
@@ -11,8 +12,9 @@ use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
+use super::sessions::{authenticate, Session};
 use super::AppState;
-use crate::store::{now_ms, User};
+use crate::store::User;
 
 /// A JSON body.
 pub struct ApiJson<T>(pub T);
@@ -98,6 +100,15 @@ pub fn hash_token(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
+/// The token of an `Authorization: Bearer <token>` header.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+}
+
 /// The authenticated user (from `Authorization: Bearer <token>`).
 pub struct AuthUser(pub User);
 
@@ -105,31 +116,20 @@ impl FromRequestParts<AppState> for AuthUser {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let token = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .map(str::trim)
-            .ok_or(ApiError::Unauthorized)?;
-        authenticate(state, token).await.map(AuthUser)
+        AuthSession::from_request_parts(parts, state)
+            .await
+            .map(|AuthSession(s)| AuthUser(s.user))
     }
 }
 
-/// Resolves a bearer token (cached in-process for `cache.auth_ttl`).
-pub async fn authenticate(state: &AppState, token: &str) -> Result<User, ApiError> {
-    if token.is_empty() || token.len() > 256 {
-        return Err(ApiError::Unauthorized);
+/// The authenticated session (from `Authorization: Bearer <token>`).
+pub struct AuthSession(pub Session);
+
+impl FromRequestParts<AppState> for AuthSession {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let token = bearer(&parts.headers).ok_or(ApiError::Unauthorized)?;
+        authenticate(state, token).await.map(AuthSession)
     }
-    let key = hash_token(token);
-    if let Some(user) = state.auth_cache.get(&key).await {
-        return Ok(user);
-    }
-    let user = state
-        .store
-        .session_user(&key, now_ms())
-        .await?
-        .ok_or(ApiError::Unauthorized)?;
-    state.auth_cache.insert(key, user.clone()).await;
-    Ok(user)
 }

@@ -1,5 +1,6 @@
 //! Operations endpoints: `/healthz` (liveness), `/readyz` (database and Redis reachable,
-//! 503 otherwise), `/metrics` (Prometheus text) and `/api/info` (public data).
+//! 503 otherwise) and `/api/info` (public data) on the public listener; `/metrics`
+//! (Prometheus text) only on the metrics listener ([`metrics_router`]).
 
 use std::time::Duration;
 
@@ -16,8 +17,15 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .route("/api/info", get(info))
+}
+
+/// The metrics listener's routes: `/metrics`, nothing else.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .fallback(|| async { super::error::ApiError::NotFound })
+        .with_state(state)
 }
 
 const NO_STORE: [(header::HeaderName, HeaderValue); 1] =

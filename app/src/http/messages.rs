@@ -10,7 +10,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::conversations::{invalidate, owns};
+use super::conversations::invalidate;
 use super::error::ApiError;
 use super::extract::{parse_id, ApiJson, ApiQuery, AuthUser};
 use super::{private, AppState};
@@ -43,7 +43,6 @@ async fn list(
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
     let conversation_id = parse_id("id", &id)?;
-    owns(&state, user.id, conversation_id).await?;
     let max = state.settings.limits.max_page;
     let limit = q.limit.unwrap_or(state.settings.limits.default_page);
     if limit == 0 || limit > max {
@@ -61,7 +60,12 @@ async fn list(
             limit: limit + 1,
         },
     };
-    let mut messages = state.store.list_messages(conversation_id, page).await?;
+    // (the statement checks that the conversation is this user's: 404 otherwise)
+    let mut messages = state
+        .store
+        .list_messages(user.id, conversation_id, page)
+        .await?
+        .ok_or(ApiError::NotFound)?;
     let has_more = messages.len() > limit as usize;
     if has_more {
         match page {
@@ -93,8 +97,8 @@ async fn post_message(
     if body.content.trim().is_empty() {
         return Err(ApiError::invalid("content", "must not be empty"));
     }
-    owns(&state, user.id, id).await?;
     // The message and its `ai` job are committed together: a 201 means both are durable.
+    // The inserting statement checks that the conversation is this user's (404 otherwise).
     let (user_id, conversation_id) = (user.id, id);
     let encode = move |message_id: i64| {
         Queues::encode_ai(&AiJob {
@@ -105,21 +109,28 @@ async fn post_message(
     };
     let message = state
         .store
-        .insert_message_with_job(id, "user", &body.content, state.queues.ai_queue(), Box::new(encode))
+        .insert_message_with_job(
+            user.id,
+            id,
+            "user",
+            &body.content,
+            state.queues.ai_queue(),
+            Box::new(encode),
+        )
         .await
-        // deleted since its owner was checked
+        // deleted while the insert was under way
         .map_err(|e| {
             if e.is_missing_parent() {
                 ApiError::NotFound
             } else {
                 e.into()
             }
-        })?;
+        })?
+        .ok_or(ApiError::NotFound)?;
     state.queues.wake_ai();
     invalidate(
         &state,
         user.id,
-        id,
         Some(Event::Message {
             message: message.clone(),
         }),

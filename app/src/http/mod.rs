@@ -17,7 +17,7 @@ use crate::bus::EventBus;
 use crate::cache::QueryCache;
 use crate::config::Settings;
 use crate::jobs::Queues;
-use crate::store::{Store, User};
+use crate::store::Store;
 use crate::ws::Hub;
 
 pub mod conversations;
@@ -25,6 +25,8 @@ pub mod error;
 pub mod extract;
 pub mod health;
 pub mod messages;
+pub mod sessions;
+pub mod throttle;
 pub mod users;
 pub mod web;
 
@@ -37,7 +39,11 @@ pub struct Inner {
     pub instance: String,
     pub store: Arc<dyn Store>,
     pub cache: Arc<QueryCache>,
-    pub auth_cache: moka::future::Cache<String, User>,
+    pub auth_cache: sessions::AuthCache,
+    /// Failed-login counters per user name and client address.
+    pub login_throttle: throttle::LoginThrottle,
+    /// What a login for an unknown user name is checked against (see `users::dummy_hash`).
+    pub dummy_hash: String,
     pub bus: Arc<dyn EventBus>,
     pub hub: Arc<Hub>,
     pub queues: Queues,
@@ -72,6 +78,7 @@ pub fn router(state: AppState) -> Router {
     let body_limit = state.settings.limits.max_body_bytes;
     Router::new()
         .merge(users::router())
+        .merge(sessions::router())
         .merge(conversations::router())
         .merge(messages::router())
         .merge(health::router())

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Envelope, Event, EventBus};
-use crate::cache::{conversation_key, conversations_key, QueryCache};
+use crate::cache::{conversations_key, QueryCache};
 use crate::config::{DatabaseSettings, JobSettings, LlmSettings};
 use crate::llm::{ChatMessage, ChatModel, ChatRequest};
 use crate::store::{Page, Store, StoreError};
@@ -452,14 +452,19 @@ async fn publish(ctx: &JobContext, user_id: i64, event: Event) {
 async fn ai_reply(ctx: &JobContext, job: &AiJob) -> Result<(), JobError> {
     let context = ctx
         .store
-        .reply_context(job.conversation_id, job.message_id, ctx.llm.history_messages.max(1))
+        .reply_context(
+            job.user_id,
+            job.conversation_id,
+            job.message_id,
+            ctx.llm.history_messages.max(1),
+        )
         .await?;
     if context.replied {
         return Ok(()); // a previous attempt finished
     }
     let history = context.history;
     if !history.iter().any(|m| m.id == job.message_id) {
-        return Ok(()); // the conversation or message was deleted
+        return Ok(()); // the conversation or message was deleted (or is not the job's user's)
     }
     let request = ChatRequest {
         messages: history
@@ -542,17 +547,21 @@ async fn ai_reply(ctx: &JobContext, job: &AiJob) -> Result<(), JobError> {
     metrics::counter!("llm_tokens_total", "provider" => provider).increment(tokens);
     match ctx
         .store
-        .insert_message(job.conversation_id, "assistant", &text, Some(job.message_id))
+        .insert_message(
+            job.user_id,
+            job.conversation_id,
+            "assistant",
+            &text,
+            Some(job.message_id),
+        )
         .await
     {
         Ok(Some(message)) => {
-            ctx.cache
-                .invalidate(&[conversations_key(job.user_id), conversation_key(job.conversation_id)])
-                .await;
+            ctx.cache.invalidate(&[conversations_key(job.user_id)]).await;
             publish(ctx, job.user_id, Event::Message { message }).await;
             Ok(())
         }
-        Ok(None) => Ok(()), // another attempt stored it
+        Ok(None) => Ok(()), // another attempt stored it, or the conversation is gone
         Err(e) if e.is_missing_parent() => Ok(()),
         Err(e) => Err(e.into()),
     }
@@ -572,10 +581,13 @@ async fn export(ctx: &JobContext, job: &ExportJob) -> Result<(), JobError> {
     let mut messages = Vec::new();
     let mut after = 0;
     loop {
-        let page = ctx
+        let Some(page) = ctx
             .store
-            .list_messages(job.conversation_id, Page::After { after, limit: 1000 })
-            .await?;
+            .list_messages(job.user_id, job.conversation_id, Page::After { after, limit: 1000 })
+            .await?
+        else {
+            return Ok(()); // the conversation was deleted
+        };
         let Some(last) = page.last() else { break };
         after = last.id;
         let done = page.len() < 1000;
@@ -588,8 +600,9 @@ async fn export(ctx: &JobContext, job: &ExportJob) -> Result<(), JobError> {
     let body = tokio::task::spawn_blocking(move || summarize(&messages))
         .await
         .map_err(|e| JobError::Export(e.to_string()))?;
-    let export = match ctx.store.save_export(job.conversation_id, &body).await {
-        Ok(e) => e,
+    let export = match ctx.store.save_export(job.user_id, job.conversation_id, &body).await {
+        Ok(Some(e)) => e,
+        Ok(None) => return Ok(()), // the conversation was deleted
         Err(e) if e.is_missing_parent() => return Ok(()),
         Err(e) => return Err(e.into()),
     };

@@ -22,11 +22,13 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{Message, StoreError, StoreResult};
 
-/// Most inserts in one batch (5 bind parameters each: SQLite allows 32,766 per statement).
+/// Most inserts in one batch (6 bind parameters each: SQLite allows 32,766 per statement).
 pub const MAX_BATCH: usize = 256;
 
 /// One message to insert.
 pub struct NewMessageOp {
+    /// Whose conversation it must be: the insert stores nothing otherwise.
+    pub user_id: i64,
     pub conversation_id: i64,
     pub role: String,
     pub content: String,
@@ -61,14 +63,15 @@ pub struct PoolWriter<DB: sqlx::Database>(pub sqlx::Pool<DB>);
 #[async_trait]
 pub trait WriteMessages: Send + Sync + 'static {
     /// Inserts all of `ops` in one transaction, with their jobs. Result `i` is the message
-    /// stored for `ops[i]`, or `None` when its `reply_to` already had a reply. Fails as a
-    /// whole: on error nothing of the batch is stored.
+    /// stored for `ops[i]`, or `None` when its conversation is not its user's (or is gone)
+    /// or its `reply_to` already had a reply. Fails as a whole: on error nothing of the
+    /// batch is stored.
     async fn write_batch(&self, ops: &[&NewMessageOp]) -> StoreResult<Vec<Option<Message>>>;
 }
 
 /// Pairs the rows an `INSERT … RETURNING` gave back with the inserts that made them
 /// (neither database promises that RETURNING keeps the order of the VALUES list).
-/// An insert with no row was skipped by `ON CONFLICT DO NOTHING`.
+/// An insert with no row was skipped (`ON CONFLICT DO NOTHING`, or not its user's).
 pub fn match_rows(ops: &[&NewMessageOp], rows: Vec<Message>) -> Vec<Option<Message>> {
     let mut out: Vec<Option<Message>> = (0..ops.len()).map(|_| None).collect();
     for (k, row) in rows.into_iter().enumerate() {
@@ -171,6 +174,7 @@ mod tests {
 
     fn op(conversation_id: i64, reply_to: Option<i64>, content: &str) -> NewMessageOp {
         NewMessageOp {
+            user_id: 1,
             conversation_id,
             role: "user".into(),
             content: content.into(),

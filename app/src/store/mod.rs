@@ -126,6 +126,15 @@ impl Credentials {
     }
 }
 
+/// An unexpired session and its user.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Session {
+    #[sqlx(flatten)]
+    pub user: User,
+    /// When the session ends (Unix milliseconds).
+    pub expires_at: i64,
+}
+
 /// A conversation with its message count and a preview of its last message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, sqlx::FromRow)]
 pub struct Conversation {
@@ -208,8 +217,14 @@ pub trait Store: Send + Sync + 'static {
     async fn credentials(&self, username: &str) -> StoreResult<Option<Credentials>>;
     async fn update_display_name(&self, user_id: i64, display_name: &str) -> StoreResult<Option<User>>;
     async fn create_session(&self, token_hash: &str, user_id: i64, expires_at: i64) -> StoreResult<()>;
-    /// The user owning an unexpired session.
-    async fn session_user(&self, token_hash: &str, now: i64) -> StoreResult<Option<User>>;
+    /// The unexpired session `token_hash` and its user.
+    async fn session_user(&self, token_hash: &str, now: i64) -> StoreResult<Option<Session>>;
+    /// Ends one session; false when there was none.
+    async fn delete_session(&self, token_hash: &str) -> StoreResult<bool>;
+    /// Ends every session of a user; returns how many there were.
+    async fn delete_user_sessions(&self, user_id: i64) -> StoreResult<u64>;
+    /// Deletes the sessions expired at `now`; returns how many.
+    async fn prune_sessions(&self, now: i64) -> StoreResult<u64>;
 
     async fn create_conversation(&self, user_id: i64, title: &str) -> StoreResult<Conversation>;
     /// Creates a conversation with its messages in one transaction (one multi-row insert).
@@ -227,12 +242,21 @@ pub trait Store: Send + Sync + 'static {
     /// The user's conversations, most recently active first, in one query.
     async fn list_conversations(&self, user_id: i64, limit: u32) -> StoreResult<Vec<Conversation>>;
 
-    /// A page of messages, ascending by id (ownership is checked by the caller).
-    async fn list_messages(&self, conversation_id: i64, page: Page) -> StoreResult<Vec<Message>>;
+    // Every read and write of a conversation's messages (and of its exports) names the
+    // user it is for, and the statement itself checks that the conversation belongs to
+    // that user (a join on `conversations.user_id`): no caller-side ownership check, and
+    // so no cached authorization decision, stands between a request and the rows.
+
+    /// A page of messages, ascending by id; `None` when the conversation does not exist
+    /// or is not `user_id`'s (checked in the same statement).
+    async fn list_messages(&self, user_id: i64, conversation_id: i64, page: Page) -> StoreResult<Option<Vec<Message>>>;
     /// Inserts a message and bumps the conversation's count, last message and activity time.
-    /// With `reply_to`, returns `None` when that message already has a reply (idempotent retry).
+    /// Returns `None` when nothing was stored: the conversation does not exist or is not
+    /// `user_id`'s (checked in the inserting statement), or, with `reply_to`, that message
+    /// already has a reply (idempotent retry).
     async fn insert_message(
         &self,
+        user_id: i64,
         conversation_id: i64,
         role: &str,
         content: &str,
@@ -241,26 +265,31 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts a message like [`Store::insert_message`] and, in the same transaction,
     /// enqueues the job `job(message_id)` on the job queue `queue` (whose tables live in the
     /// same database): the message and its reply job are stored together or not at all.
+    /// `None` (and no job) when the conversation does not exist or is not `user_id`'s.
     async fn insert_message_with_job(
         &self,
+        user_id: i64,
         conversation_id: i64,
         role: &str,
         content: &str,
         queue: &str,
         job: Box<dyn Fn(i64) -> Vec<u8> + Send + Sync>,
-    ) -> StoreResult<Message>;
+    ) -> StoreResult<Option<Message>>;
     /// Whether `user_message_id` has a reply yet, and the `history` newest messages of
-    /// its conversation up to it: what an AI job needs, in one read where the database
-    /// allows.
+    /// its conversation up to it (none when the conversation is not `user_id`'s): what an
+    /// AI job needs, in one read where the database allows.
     async fn reply_context(
         &self,
+        user_id: i64,
         conversation_id: i64,
         user_message_id: i64,
         history: u32,
     ) -> StoreResult<ReplyContext>;
 
-    async fn save_export(&self, conversation_id: i64, body: &str) -> StoreResult<Export>;
-    async fn latest_export(&self, conversation_id: i64) -> StoreResult<Option<Export>>;
+    /// Stores an export; `None` when the conversation is gone or not `user_id`'s.
+    async fn save_export(&self, user_id: i64, conversation_id: i64, body: &str) -> StoreResult<Option<Export>>;
+    /// The newest export of `user_id`'s conversation.
+    async fn latest_export(&self, user_id: i64, conversation_id: i64) -> StoreResult<Option<Export>>;
 }
 
 /// Shared implementation over a typed pool; `$db` is `sqlx::Sqlite` or `sqlx::Postgres`.
@@ -321,9 +350,9 @@ macro_rules! impl_store {
             Ok(())
         }
 
-        async fn session_user(&self, token_hash: &str, now: i64) -> StoreResult<Option<User>> {
-            sqlx::query_as::<$db, User>(
-                "SELECT u.id, u.username, u.display_name, u.created_at FROM sessions s \
+        async fn session_user(&self, token_hash: &str, now: i64) -> StoreResult<Option<Session>> {
+            sqlx::query_as::<$db, Session>(
+                "SELECT u.id, u.username, u.display_name, u.created_at, s.expires_at FROM sessions s \
                  JOIN users u ON u.id = s.user_id WHERE s.token_hash = $1 AND s.expires_at > $2",
             )
             .bind(token_hash)
@@ -331,6 +360,33 @@ macro_rules! impl_store {
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| StoreError::from_sqlx("session_user", e))
+        }
+
+        async fn delete_session(&self, token_hash: &str) -> StoreResult<bool> {
+            let done = sqlx::query::<$db>("DELETE FROM sessions WHERE token_hash = $1")
+                .bind(token_hash)
+                .execute(&self.writer)
+                .await
+                .map_err(|e| StoreError::from_sqlx("delete_session", e))?;
+            Ok(done.rows_affected() > 0)
+        }
+
+        async fn delete_user_sessions(&self, user_id: i64) -> StoreResult<u64> {
+            let done = sqlx::query::<$db>("DELETE FROM sessions WHERE user_id = $1")
+                .bind(user_id)
+                .execute(&self.writer)
+                .await
+                .map_err(|e| StoreError::from_sqlx("delete_user_sessions", e))?;
+            Ok(done.rows_affected())
+        }
+
+        async fn prune_sessions(&self, now: i64) -> StoreResult<u64> {
+            let done = sqlx::query::<$db>("DELETE FROM sessions WHERE expires_at <= $1")
+                .bind(now)
+                .execute(&self.writer)
+                .await
+                .map_err(|e| StoreError::from_sqlx("prune_sessions", e))?;
+            Ok(done.rows_affected())
         }
 
         async fn create_conversation(&self, user_id: i64, title: &str) -> StoreResult<Conversation> {
@@ -422,15 +478,16 @@ macro_rules! impl_store {
                 .map_err(|e| StoreError::from_sqlx("list_conversations", e))
         }
 
-        async fn list_messages(&self, conversation_id: i64, page: Page) -> StoreResult<Vec<Message>> {
-            self.read_messages(conversation_id, page)
+        async fn list_messages(&self, user_id: i64, conversation_id: i64, page: Page) -> StoreResult<Option<Vec<Message>>> {
+            self.read_messages(user_id, conversation_id, page)
                 .await
                 .map_err(|e| StoreError::from_sqlx("list_messages", e))
         }
 
-        async fn insert_message(&self, conversation_id: i64, role: &str, content: &str, reply_to: Option<i64>) -> StoreResult<Option<Message>> {
+        async fn insert_message(&self, user_id: i64, conversation_id: i64, role: &str, content: &str, reply_to: Option<i64>) -> StoreResult<Option<Message>> {
             self.messages
                 .write(NewMessageOp {
+                    user_id,
                     conversation_id,
                     role: role.to_owned(),
                     content: content.to_owned(),
@@ -443,14 +500,16 @@ macro_rules! impl_store {
 
         async fn insert_message_with_job(
             &self,
+            user_id: i64,
             conversation_id: i64,
             role: &str,
             content: &str,
             queue: &str,
             job: Box<dyn Fn(i64) -> Vec<u8> + Send + Sync>,
-        ) -> StoreResult<Message> {
+        ) -> StoreResult<Option<Message>> {
             self.messages
                 .write(NewMessageOp {
+                    user_id,
                     conversation_id,
                     role: role.to_owned(),
                     content: content.to_owned(),
@@ -461,37 +520,38 @@ macro_rules! impl_store {
                         encode: job,
                     }),
                 })
-                .await?
-                .ok_or(StoreError::Database {
-                    op: "insert_message_with_job",
-                    source: sqlx::Error::RowNotFound,
-                })
+                .await
         }
 
-        async fn reply_context(&self, conversation_id: i64, user_message_id: i64, history: u32) -> StoreResult<ReplyContext> {
-            self.read_reply_context(conversation_id, user_message_id, history)
+        async fn reply_context(&self, user_id: i64, conversation_id: i64, user_message_id: i64, history: u32) -> StoreResult<ReplyContext> {
+            self.read_reply_context(user_id, conversation_id, user_message_id, history)
                 .await
                 .map_err(|e| StoreError::from_sqlx("reply_context", e))
         }
 
-        async fn save_export(&self, conversation_id: i64, body: &str) -> StoreResult<Export> {
+        async fn save_export(&self, user_id: i64, conversation_id: i64, body: &str) -> StoreResult<Option<Export>> {
             sqlx::query_as::<$db, Export>(
-                "INSERT INTO exports (conversation_id, body, created_at) VALUES ($1, $2, $3) \
+                "INSERT INTO exports (conversation_id, body, created_at) \
+                 SELECT id, $2, $3 FROM conversations WHERE id = $1 AND user_id = $4 \
                  RETURNING id, conversation_id, body, created_at",
             )
             .bind(conversation_id)
             .bind(body)
             .bind(now_ms())
-            .fetch_one(&self.writer)
+            .bind(user_id)
+            .fetch_optional(&self.writer)
             .await
             .map_err(|e| StoreError::from_sqlx("save_export", e))
         }
 
-        async fn latest_export(&self, conversation_id: i64) -> StoreResult<Option<Export>> {
+        async fn latest_export(&self, user_id: i64, conversation_id: i64) -> StoreResult<Option<Export>> {
             sqlx::query_as::<$db, Export>(
-                "SELECT id, conversation_id, body, created_at FROM exports WHERE conversation_id = $1 ORDER BY id DESC LIMIT 1",
+                "SELECT e.id, e.conversation_id, e.body, e.created_at FROM exports e \
+                 JOIN conversations c ON c.id = e.conversation_id \
+                 WHERE e.conversation_id = $1 AND c.user_id = $2 ORDER BY e.id DESC LIMIT 1",
             )
             .bind(conversation_id)
+            .bind(user_id)
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| StoreError::from_sqlx("latest_export", e))
@@ -523,18 +583,25 @@ macro_rules! impl_store {
             async fn write_batch(&self, ops: &[&NewMessageOp]) -> StoreResult<Vec<Option<Message>>> {
                 let op = "insert_message";
                 let mut tx = self.0.begin().await.map_err(|e| StoreError::from_sqlx(op, e))?;
+                // Each row is stored only if its conversation belongs to its user: the
+                // join drops the others (they get no row back, like a skipped reply).
+                // (`columnN` are the VALUES columns in both databases; the WHERE keeps
+                // SQLite from reading ON CONFLICT as the join's constraint.)
                 let mut qb = sqlx::QueryBuilder::<$db>::new(
-                    "INSERT INTO messages (conversation_id, role, content, reply_to, created_at) ",
+                    "INSERT INTO messages (conversation_id, role, content, reply_to, created_at) \
+                     SELECT v.column1, v.column2, v.column3, v.column4, v.column5 FROM (",
                 );
                 qb.push_values(ops, |mut row, m| {
                     row.push_bind(m.conversation_id)
                         .push_bind(m.role.as_str())
                         .push_bind(m.content.as_str())
                         .push_bind(m.reply_to)
-                        .push_bind(m.created_at);
+                        .push_bind(m.created_at)
+                        .push_bind(m.user_id);
                 });
                 qb.push(
-                    " ON CONFLICT (reply_to) WHERE reply_to IS NOT NULL DO NOTHING \
+                    ") AS v JOIN conversations c ON c.id = v.column1 WHERE c.user_id = v.column6 \
+                     ON CONFLICT (reply_to) WHERE reply_to IS NOT NULL DO NOTHING \
                      RETURNING id, conversation_id, role, content, reply_to, created_at",
                 );
                 // one prepared statement per batch size would crowd the statement cache

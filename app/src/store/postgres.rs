@@ -88,9 +88,11 @@ impl PgStore {
         .await
     }
 
-    /// Two reads: the reply check, then the history.
+    /// Two reads: the reply check, then the history (only if the conversation is
+    /// `user_id`'s).
     async fn read_reply_context(
         &self,
+        user_id: i64,
         conversation_id: i64,
         user_message_id: i64,
         history: u32,
@@ -107,44 +109,78 @@ impl PgStore {
         }
         let history = self
             .read_messages(
+                user_id,
                 conversation_id,
                 Page::Before {
                     before: user_message_id + 1,
                     limit: history,
                 },
             )
-            .await?;
+            .await?
+            .unwrap_or_default();
         Ok(ReplyContext { replied, history })
     }
 
-    /// A page of a conversation's messages, ascending: one row each.
-    async fn read_messages(&self, conversation_id: i64, page: Page) -> Result<Vec<Message>, sqlx::Error> {
-        match page {
-            Page::After { after, limit } => {
-                sqlx::query_as::<_, Message>(
-                    "SELECT id, conversation_id, role, content, reply_to, created_at FROM messages \
-                     WHERE conversation_id = $1 AND id > $2 ORDER BY id ASC LIMIT $3",
-                )
-                .bind(conversation_id)
-                .bind(after)
-                .bind(i64::from(limit))
-                .fetch_all(&self.pool)
-                .await
-            }
-            Page::Before { before, limit } => {
-                let mut newest_first = sqlx::query_as::<_, Message>(
-                    "SELECT id, conversation_id, role, content, reply_to, created_at FROM messages \
-                     WHERE conversation_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3",
-                )
-                .bind(conversation_id)
-                .bind(before)
-                .bind(i64::from(limit))
-                .fetch_all(&self.pool)
-                .await?;
-                newest_first.reverse();
-                Ok(newest_first)
-            }
+    /// A page of a conversation's messages, ascending: one row each, read through the
+    /// conversation row of `user_id` (no row: not that user's conversation; one row of
+    /// NULLs: no message on this page).
+    async fn read_messages(
+        &self,
+        user_id: i64,
+        conversation_id: i64,
+        page: Page,
+    ) -> Result<Option<Vec<Message>>, sqlx::Error> {
+        const AFTER: &str = "SELECT m.id, m.conversation_id, m.role, m.content, m.reply_to, m.created_at \
+             FROM conversations c LEFT JOIN LATERAL (SELECT * FROM messages \
+             WHERE conversation_id = c.id AND id > $2 ORDER BY id ASC LIMIT $3) m ON true \
+             WHERE c.id = $1 AND c.user_id = $4";
+        const BEFORE: &str = "SELECT m.id, m.conversation_id, m.role, m.content, m.reply_to, m.created_at \
+             FROM conversations c LEFT JOIN LATERAL (SELECT * FROM messages \
+             WHERE conversation_id = c.id AND id < $2 ORDER BY id DESC LIMIT $3) m ON true \
+             WHERE c.id = $1 AND c.user_id = $4";
+        let (sql, bound, limit, newest_first) = match page {
+            Page::After { after, limit } => (AFTER, after, limit, false),
+            Page::Before { before, limit } => (BEFORE, before, limit, true),
+        };
+        let rows = sqlx::query_as::<_, PageRow>(sql)
+            .bind(conversation_id)
+            .bind(bound)
+            .bind(i64::from(limit))
+            .bind(user_id)
+            .fetch_all(&self.pool)
+            .await?;
+        if rows.is_empty() {
+            return Ok(None);
         }
+        let mut messages: Vec<Message> = rows.into_iter().filter_map(PageRow::message).collect();
+        if newest_first {
+            messages.reverse();
+        }
+        Ok(Some(messages))
+    }
+}
+
+/// A row of [`PgStore::read_messages`]: a message, or NULLs for a page without one.
+#[derive(sqlx::FromRow)]
+struct PageRow {
+    id: Option<i64>,
+    conversation_id: Option<i64>,
+    role: Option<String>,
+    content: Option<String>,
+    reply_to: Option<i64>,
+    created_at: Option<i64>,
+}
+
+impl PageRow {
+    fn message(self) -> Option<Message> {
+        Some(Message {
+            id: self.id?,
+            conversation_id: self.conversation_id?,
+            role: self.role?,
+            content: self.content?,
+            reply_to: self.reply_to,
+            created_at: self.created_at?,
+        })
     }
 }
 

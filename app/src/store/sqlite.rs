@@ -130,9 +130,11 @@ impl SqliteStore {
         decode_json(&json)
     }
 
-    /// The reply check and the history in one statement.
+    /// The reply check and the history (only if the conversation is `user_id`'s) in one
+    /// statement.
     async fn read_reply_context(
         &self,
+        user_id: i64,
         conversation_id: i64,
         user_message_id: i64,
         history: u32,
@@ -141,14 +143,16 @@ impl SqliteStore {
         let sql = SQL.get_or_init(|| {
             format!(
                 "SELECT EXISTS (SELECT 1 FROM messages WHERE reply_to = $1), \
-                 (SELECT json_group_array({MESSAGE_JSON} ORDER BY id) FROM (SELECT * FROM messages \
-                  WHERE conversation_id = $2 AND id <= $1 ORDER BY id DESC LIMIT $3))"
+                 (SELECT json_group_array({MESSAGE_JSON} ORDER BY id) FROM (SELECT m.* FROM messages m \
+                  JOIN conversations c ON c.id = m.conversation_id AND c.user_id = $4 \
+                  WHERE m.conversation_id = $2 AND m.id <= $1 ORDER BY m.id DESC LIMIT $3))"
             )
         });
         let (replied, json): (bool, String) = sqlx::query_as(sql.as_str())
             .bind(user_message_id)
             .bind(conversation_id)
             .bind(i64::from(history))
+            .bind(user_id)
             .fetch_one(&self.pool)
             .await?;
         Ok(ReplyContext {
@@ -157,39 +161,39 @@ impl SqliteStore {
         })
     }
 
-    /// A page of a conversation's messages, ascending, as one JSON row.
-    async fn read_messages(&self, conversation_id: i64, page: Page) -> Result<Vec<Message>, sqlx::Error> {
+    /// A page of a conversation's messages, ascending, as one JSON row; no row when the
+    /// conversation is not `user_id`'s (the page is read through that conversation row).
+    async fn read_messages(
+        &self,
+        user_id: i64,
+        conversation_id: i64,
+        page: Page,
+    ) -> Result<Option<Vec<Message>>, sqlx::Error> {
         static AFTER: OnceLock<String> = OnceLock::new();
         static BEFORE: OnceLock<String> = OnceLock::new();
+        let page_of = |filter: &str| {
+            format!(
+                "SELECT (SELECT json_group_array({MESSAGE_JSON} ORDER BY id) FROM (SELECT * FROM messages \
+                 WHERE conversation_id = c.id AND {filter} LIMIT $3)) \
+                 FROM conversations c WHERE c.id = $1 AND c.user_id = $4"
+            )
+        };
         let (sql, bound, limit) = match page {
-            Page::After { after, limit } => (
-                AFTER.get_or_init(|| {
-                    format!(
-                        "SELECT json_group_array({MESSAGE_JSON} ORDER BY id) FROM (SELECT * FROM messages \
-                         WHERE conversation_id = $1 AND id > $2 ORDER BY id ASC LIMIT $3)"
-                    )
-                }),
-                after,
-                limit,
-            ),
+            Page::After { after, limit } => (AFTER.get_or_init(|| page_of("id > $2 ORDER BY id ASC")), after, limit),
             Page::Before { before, limit } => (
-                BEFORE.get_or_init(|| {
-                    format!(
-                        "SELECT json_group_array({MESSAGE_JSON} ORDER BY id) FROM (SELECT * FROM messages \
-                         WHERE conversation_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3)"
-                    )
-                }),
+                BEFORE.get_or_init(|| page_of("id < $2 ORDER BY id DESC")),
                 before,
                 limit,
             ),
         };
-        let (json,): (String,) = sqlx::query_as(sql.as_str())
+        let row: Option<(String,)> = sqlx::query_as(sql.as_str())
             .bind(conversation_id)
             .bind(bound)
             .bind(i64::from(limit))
-            .fetch_one(&self.pool)
+            .bind(user_id)
+            .fetch_optional(&self.pool)
             .await?;
-        decode_json(&json)
+        row.map(|(json,)| decode_json(&json)).transpose()
     }
 }
 

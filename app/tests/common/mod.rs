@@ -103,6 +103,8 @@ pub fn test_settings(db_url: &str) -> Settings {
 pub struct TestApp {
     pub base: String,
     pub ws_base: String,
+    /// The metrics listener (`/metrics` is not on the public one).
+    pub metrics_base: String,
     pub http: reqwest::Client,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<Result<(), wingman_app::AppError>>>,
@@ -116,6 +118,13 @@ impl TestApp {
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let mut options = options;
+        let metrics_listener = match options.metrics_listener.take() {
+            Some(l) => l,
+            None => tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+        };
+        let metrics_addr = metrics_listener.local_addr().expect("addr");
+        options.metrics_listener = Some(metrics_listener);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let handle = tokio::spawn(wingman_app::serve_with(
             settings,
@@ -128,6 +137,7 @@ impl TestApp {
         let app = TestApp {
             base: format!("http://{addr}"),
             ws_base: format!("ws://{addr}"),
+            metrics_base: format!("http://{metrics_addr}"),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(20))
                 .build()
@@ -223,6 +233,25 @@ impl TestApp {
         )
     }
 
+    /// Logs a user registered by [`TestApp::register`] in again: a new session's token.
+    pub async fn login(&self, name: &str) -> String {
+        self.login_with(name, "correct horse battery").await
+    }
+
+    /// Logs in with a password: a new session's token.
+    pub async fn login_with(&self, name: &str, password: &str) -> String {
+        let (status, v) = self
+            .call(
+                "POST",
+                "/api/login",
+                None,
+                Some(json!({ "username": name, "password": password })),
+            )
+            .await;
+        assert_eq!(status, 200, "login {name}: {v}");
+        v["token"].as_str().expect("token").to_string()
+    }
+
     pub async fn new_conversation(&self, token: &str, title: &str) -> i64 {
         let (status, v) = self
             .call(
@@ -255,10 +284,16 @@ impl TestApp {
         v
     }
 
+    /// A WebSocket authenticated with `Authorization: Bearer` (the web page sends the
+    /// token as a subprotocol instead; never in the URL).
     pub async fn ws(&self, token: &str) -> Ws {
-        let (stream, _) = tokio_tungstenite::connect_async(format!("{}/ws?token={token}", self.ws_base))
-            .await
-            .expect("ws connect");
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = format!("{}/ws", self.ws_base).into_client_request().expect("request");
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("header value"),
+        );
+        let (stream, _) = tokio_tungstenite::connect_async(req).await.expect("ws connect");
         let mut ws = Ws {
             stream,
             history: Vec::new(),
@@ -270,7 +305,7 @@ impl TestApp {
 
     pub async fn metrics(&self) -> String {
         self.http
-            .get(self.url("/metrics"))
+            .get(format!("{}/metrics", self.metrics_base))
             .send()
             .await
             .expect("metrics")
