@@ -184,13 +184,14 @@ impl Admin {
                 format!("no server {server:?} in pool {pool:?}\n").into_bytes(),
             );
         };
-        if !s.state.set_admin_state(action) {
+        let Some(state) = crate::upstream::AdminState::from_action(action) else {
             return reply(
                 400,
                 text,
                 format!("unknown action {action:?}\n").into_bytes(),
             );
-        }
+        };
+        s.state.set_admin(state);
         log::warn!("admin: {action} {pool}/{server}");
         reply(
             200,
@@ -375,7 +376,7 @@ pub fn status(snap: &Snapshot) -> serde_json::Value {
                         "max_conns": s.max_conns,
                         "healthy": s.state.healthy(),
                         "ejected": s.state.ejected(),
-                        "disabled": s.state.disabled.load(std::sync::atomic::Ordering::Relaxed),
+                        "disabled": !s.state.in_service(),
                         "admin_state": s.state.admin_state(),
                         "available": s.state.available(),
                         "in_flight": s.state.in_flight(),

@@ -58,7 +58,7 @@ impl HealthChecker {
             let Some(spec) = &pool.health else { continue };
             for server in &pool.servers {
                 let st = &server.state;
-                if st.maintenance.load(Ordering::Relaxed) {
+                if !st.probed() {
                     continue; // disabled by an operator: no probes
                 }
                 if st.next_check_at.load(Ordering::Relaxed) > now

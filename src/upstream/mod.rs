@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Algorithm, HashOn, StatusSet};
-pub use state::{Lease, PoolState, Registry, ServerState};
+pub use state::{AdminState, Lease, PoolState, Registry, ServerState};
 
 /// A server as the snapshot sees it.
 #[derive(Debug)]
@@ -172,7 +172,7 @@ impl Pool {
     /// Servers that count toward the pool's size: pickable (weight above 0) and
     /// not taken out by an operator (drain, disable).
     fn in_service(&self, i: usize) -> bool {
-        self.servers[i].weight > 0 && !self.servers[i].state.is_disabled()
+        self.servers[i].weight > 0 && self.servers[i].state.in_service()
     }
 
     /// Panic mode: fewer than `panic_threshold` percent of the servers in service
@@ -410,7 +410,7 @@ mod tests {
         }
         // a drained server is not "available" for that rule
         let (p, _reg) = pool(0, 4, 2);
-        p.servers[1].state.set_admin_state("drain");
+        p.servers[1].state.set_admin(state::AdminState::Draining);
         assert_eq!(p.record_failure(0), Failure::Counted);
         assert_eq!(p.record_failure(0), Failure::KeptLast);
     }
@@ -439,7 +439,7 @@ mod tests {
         assert!(leases.iter().all(|l| l.panic));
         // an operator's drain is honoured even in panic mode, and a drained server
         // does not count toward the pool's size: 1 of 3 available is still panic
-        p.servers[0].state.set_admin_state("drain");
+        p.servers[0].state.set_admin(state::AdminState::Draining);
         assert!(p.in_panic());
         for _ in 0..6 {
             assert_ne!(p.try_acquire(b"", &[]).unwrap().unwrap().index, 0);

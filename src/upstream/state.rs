@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,30 @@ pub fn now_ms() -> u64 {
     let epoch = *EPOCH.get_or_init(Instant::now);
     // +1 so that 0 can mean "never"
     epoch.elapsed().as_millis() as u64 + 1
+}
+
+/// What an operator set for a server through the admin actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum AdminState {
+    /// Takes requests (`enable`).
+    Active = 0,
+    /// No new requests; those in flight finish; still health-checked (`drain`).
+    Draining = 1,
+    /// No new requests and no health checks (`disable`, for maintenance).
+    Disabled = 2,
+}
+
+impl AdminState {
+    /// The state an admin action (`enable`, `drain`, `disable`) sets.
+    pub fn from_action(action: &str) -> Option<AdminState> {
+        match action {
+            "enable" => Some(AdminState::Active),
+            "drain" => Some(AdminState::Draining),
+            "disable" => Some(AdminState::Disabled),
+            _ => None,
+        }
+    }
 }
 
 /// Live state of one server of one pool.
@@ -40,10 +64,8 @@ pub struct ServerState {
     pub next_check_at: AtomicU64,
     pub check_running: AtomicBool,
     in_flight: AtomicU32,
-    /// Set by an admin action (drain): no new requests.
-    pub disabled: AtomicBool,
-    /// Set by an admin action (disable): no new requests and no health checks.
-    pub maintenance: AtomicBool,
+    /// The operator's say ([`AdminState`] as a `u8`), set by the admin actions.
+    admin: AtomicU8,
     /// Requests answered by this server (final attempts).
     pub requests: AtomicU64,
     /// Of those, 5xx answers and failed exchanges.
@@ -70,8 +92,7 @@ impl ServerState {
             next_check_at: AtomicU64::new(0),
             check_running: AtomicBool::new(false),
             in_flight: AtomicU32::new(0),
-            disabled: AtomicBool::new(false),
-            maintenance: AtomicBool::new(false),
+            admin: AtomicU8::new(AdminState::Active as u8),
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             latency: Default::default(),
@@ -100,39 +121,38 @@ impl ServerState {
             .collect()
     }
 
-    /// `enabled`, `draining`, `drained` or `disabled`.
-    pub fn admin_state(&self) -> &'static str {
-        if self.maintenance.load(Ordering::Relaxed) {
-            "disabled"
-        } else if self.disabled.load(Ordering::Relaxed) {
-            if self.in_flight() == 0 {
-                "drained"
-            } else {
-                "draining"
-            }
-        } else {
-            "enabled"
+    /// What the operator set.
+    pub fn admin(&self) -> AdminState {
+        match self.admin.load(Ordering::Relaxed) {
+            x if x == AdminState::Draining as u8 => AdminState::Draining,
+            x if x == AdminState::Disabled as u8 => AdminState::Disabled,
+            _ => AdminState::Active,
         }
     }
 
-    /// Applies an admin action: `drain`, `disable` or `enable`.
-    pub fn set_admin_state(&self, action: &str) -> bool {
-        match action {
-            "drain" => {
-                self.disabled.store(true, Ordering::Relaxed);
-                self.maintenance.store(false, Ordering::Relaxed);
-            }
-            "disable" => {
-                self.disabled.store(true, Ordering::Relaxed);
-                self.maintenance.store(true, Ordering::Relaxed);
-            }
-            "enable" => {
-                self.disabled.store(false, Ordering::Relaxed);
-                self.maintenance.store(false, Ordering::Relaxed);
-            }
-            _ => return false,
+    pub fn set_admin(&self, state: AdminState) {
+        self.admin.store(state as u8, Ordering::Relaxed);
+    }
+
+    /// Whether the operator lets the server take new requests.
+    pub fn in_service(&self) -> bool {
+        self.admin() == AdminState::Active
+    }
+
+    /// Whether active health checks probe the server (not while disabled).
+    pub fn probed(&self) -> bool {
+        self.admin() != AdminState::Disabled
+    }
+
+    /// For the status page: `enabled`, `draining`, `drained` (draining with nothing
+    /// in flight) or `disabled`.
+    pub fn admin_state(&self) -> &'static str {
+        match self.admin() {
+            AdminState::Active => "enabled",
+            AdminState::Draining if self.in_flight() == 0 => "drained",
+            AdminState::Draining => "draining",
+            AdminState::Disabled => "disabled",
         }
-        true
     }
 
     pub fn healthy(&self) -> bool {
@@ -144,9 +164,9 @@ impl ServerState {
         until != 0 && now_ms() < until
     }
 
-    /// Healthy, not ejected and not disabled.
+    /// Healthy, not ejected and in service.
     pub fn available(&self) -> bool {
-        self.healthy() && !self.ejected() && !self.disabled.load(Ordering::Relaxed)
+        self.healthy() && !self.ejected() && self.in_service()
     }
 
     pub fn in_flight(&self) -> u32 {
@@ -202,10 +222,6 @@ impl ServerState {
     pub(crate) fn eject(&self, ejection: Duration) {
         self.ejected_until
             .store(now_ms() + ejection.as_millis() as u64, Ordering::Relaxed);
-    }
-
-    pub fn is_disabled(&self) -> bool {
-        self.disabled.load(Ordering::Relaxed)
     }
 
     /// Records a successful exchange: the passive failure streak starts over.
