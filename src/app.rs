@@ -52,6 +52,8 @@ pub enum StartError {
     Tls(String),
     #[error("access log: {0}")]
     AccessLog(String),
+    #[error("client.max_conns_per_ip: {0}")]
+    ConnLimit(String),
 }
 
 /// pingora's TLS settings want handshake callbacks; the edge needs none.
@@ -141,7 +143,7 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
     let conn_limit = (cfg.client.max_conns_per_ip > 0)
         .then(|| crate::ratelimit::ConnLimiter::new(cfg.client.max_conns_per_ip))
         .transpose()
-        .map_err(|e| StartError::AccessLog(e.to_string()))?;
+        .map_err(|e| StartError::ConnLimit(e.to_string()))?;
 
     // /run/wingman-edge outside systemd (which creates it as the RuntimeDirectory)
     for file in [&cfg.server.pid_file, &cfg.server.upgrade_sock] {
