@@ -48,12 +48,16 @@ pub use ipnet::IpNet;
 /// machines the edge runs on, and would cost memory for tiny tables.
 const MAX_SHARDS: usize = 64;
 
+/// Most keys a limiter may be asked to remember (`routes[].rate_limit.max_keys`):
+/// about 100 bytes per key when full.
+pub const MAX_KEYS: usize = 10_000_000;
+
 /// A limiter was given settings it cannot work with.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum LimitConfigError {
     #[error("rate must be a finite number of requests per second above 0, got {0}")]
     Rate(f64),
-    #[error("max_keys must be 1 to {}", crate::config::bounds::RATE_LIMIT_KEYS)]
+    #[error("max_keys must be 1 to {}", MAX_KEYS)]
     MaxKeys,
     #[error("the connection limit per client must be at least 1")]
     MaxConns,
@@ -141,7 +145,7 @@ impl RateLimiter {
         if !(rate.is_finite() && rate > 0.0) {
             return Err(LimitConfigError::Rate(rate));
         }
-        if max_keys == 0 || max_keys > crate::config::bounds::RATE_LIMIT_KEYS {
+        if max_keys == 0 || max_keys > MAX_KEYS {
             return Err(LimitConfigError::MaxKeys);
         }
         // Power-of-two shard count, no more shards than keys.

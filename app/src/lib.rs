@@ -8,6 +8,7 @@ pub mod config;
 pub mod http;
 pub mod jobs;
 pub mod llm;
+pub mod redis_gate;
 pub mod store;
 pub mod telemetry;
 pub mod ws;

@@ -150,8 +150,8 @@ pub mod bounds {
     pub const LOG_BUFFER: usize = 1 << 20;
     /// `upstreams[].servers[].weight`: a hash pool puts 160 ring points per unit.
     pub const WEIGHT: u32 = 1000;
-    /// `routes[].rate_limit.max_keys`: about 100 bytes per key when full.
-    pub const RATE_LIMIT_KEYS: usize = 10_000_000;
+    /// `routes[].rate_limit.max_keys`: the limiter owns it.
+    pub const RATE_LIMIT_KEYS: usize = crate::ratelimit::MAX_KEYS;
 }
 
 fn at_most<T: PartialOrd + std::fmt::Display>(

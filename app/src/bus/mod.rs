@@ -114,7 +114,7 @@ impl EventBus for InProcessBus {
 /// Redis pub/sub: every instance publishes to and subscribes to one channel.
 pub struct RedisBus {
     conn: redis::aio::ConnectionManager,
-    gate: Arc<crate::cache::RedisGate>,
+    gate: Arc<crate::redis_gate::RedisGate>,
     channel: String,
     local: broadcast::Sender<Arc<Envelope>>,
     task: tokio::task::JoinHandle<()>,
@@ -125,7 +125,7 @@ impl RedisBus {
     pub async fn connect(
         client: redis::Client,
         conn: redis::aio::ConnectionManager,
-        gate: Arc<crate::cache::RedisGate>,
+        gate: Arc<crate::redis_gate::RedisGate>,
         prefix: &str,
     ) -> Result<Self, BusError> {
         let channel = format!("{prefix}wingman:events");
