@@ -158,3 +158,36 @@ fn panic_threshold_is_a_percentage() {
     let ok = parse(Path::new("edge.toml"), MINIMAL).unwrap();
     assert_eq!(ok.upstreams[0].panic_threshold, 50);
 }
+
+#[test]
+fn cache_settings_of_this_session_are_checked_with_their_line() {
+    let cache = format!("{MINIMAL}[routes.cache]\nenabled = true\n");
+    let p = problems(&format!("{cache}heuristic_max = \"soon\"\n"));
+    assert!(
+        p.iter()
+            .any(|l| l.starts_with("edge.toml:") && l.contains("heuristic_max")),
+        "{p:?}"
+    );
+    let p = problems(&format!(
+        "{cache}targeted_cache_control = [\"ok-name\", \"bad name\"]\nlog_queries = 1\n"
+    ));
+    assert!(
+        p.iter().any(|l| l.contains("targeted_cache_control[1]")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter()
+            .any(|l| l.contains("log_queries") && l.contains("unknown key")),
+        "{p:?}"
+    );
+    // the defaults are the documented ones
+    let cfg = parse(Path::new("edge.toml"), MINIMAL).unwrap();
+    let c = &cfg.routes[0].cache;
+    assert_eq!(
+        c.targeted_cache_control,
+        ["wingman-cache-control", "cdn-cache-control"]
+    );
+    assert_eq!(c.heuristic_max.get(), DEFAULT_HEURISTIC_MAX);
+    assert!(!c.heuristic_freshness && !c.strip_targeted_cache_control && !c.cache_status_key);
+    assert_eq!(cfg.routes[0].log_query, None);
+}
